@@ -1,0 +1,7 @@
+//! Riposte's core: the model, the playbook language, rules, expressions and the engine as a pure
+//! state machine. No runtime, no network, no clock: all of that comes in through [`ports`].
+
+pub mod event;
+pub mod http;
+pub mod model;
+pub mod ports;

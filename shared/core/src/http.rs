@@ -149,3 +149,14 @@ pub fn is_sensitive_header(name: &str) -> bool {
     let lower = name.to_ascii_lowercase();
     REDACTED_HEADERS.contains(&lower.as_str()) || lower.contains("secret") || lower.contains("token")
 }
+
+/// A copy of `request` fit to show: sensitive header values replaced by `[REDACTED]`.
+pub fn redacted(request: &HttpRequest) -> HttpRequest {
+    let mut r = request.clone();
+    for (name, value) in r.headers.iter_mut() {
+        if is_sensitive_header(name) {
+            *value = "[REDACTED]".into();
+        }
+    }
+    r
+}

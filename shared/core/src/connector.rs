@@ -120,3 +120,87 @@ pub fn render_http(
         timeout_ms,
     })
 }
+
+/// The declared connections of a deployment, by name.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Connections {
+    map: BTreeMap<String, crate::http::Connection>,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConnectionsFile {
+    connections: BTreeMap<String, crate::http::Connection>,
+}
+
+impl Connections {
+    /// Parses `connections: { NAME: { base_url, auth, ... } }` (YAML or JSON).
+    pub fn parse(source: &str, file: Option<&str>) -> Result<Connections, crate::playbook::Problems> {
+        let f: ConnectionsFile = serde_yaml_ng::from_str(source)
+            .map_err(|e| crate::playbook::Problems::one(file, "connections", e.to_string()))?;
+        let mut map = BTreeMap::new();
+        let mut problems = Vec::new();
+        for (name, mut c) in f.connections {
+            c.name = name.clone();
+            match url::Url::parse(&c.base_url) {
+                Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {}
+                _ => problems.push(crate::playbook::Problem {
+                    file: file.map(str::to_string),
+                    step: None,
+                    field: format!("connections.{name}.base_url"),
+                    message: format!("`{}` is not an http(s) URL with a host", c.base_url),
+                }),
+            }
+            map.insert(name, c);
+        }
+        if problems.is_empty() {
+            Ok(Connections { map })
+        } else {
+            Err(crate::playbook::Problems(problems))
+        }
+    }
+
+    pub fn from_list(list: Vec<crate::http::Connection>) -> Connections {
+        Connections {
+            map: list.into_iter().map(|c| (c.name.clone(), c)).collect(),
+        }
+    }
+
+    pub fn get(&self, name: &str) -> Option<&crate::http::Connection> {
+        self.map.get(name)
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.map.keys().map(String::as_str)
+    }
+}
+
+/// The connections a playbook's actions name: (step id, connection name).
+pub fn connections_used(pb: &crate::playbook::Playbook) -> Vec<(String, String)> {
+    use crate::playbook::StepKind;
+    let mut out = Vec::new();
+    let mut visit = |step: &str, op: &str, t: &Template| {
+        if op != HTTP_REQUEST {
+            return;
+        }
+        let name = match t {
+            Template::Literal(Value::Object(m)) => m.get("connection").and_then(Value::as_str).map(str::to_string),
+            Template::Map(entries) => entries.iter().find(|(k, _)| k == "connection").and_then(|(_, t)| match t {
+                Template::Literal(Value::String(s)) => Some(s.clone()),
+                _ => None,
+            }),
+            _ => None,
+        };
+        if let Some(n) = name {
+            out.push((step.to_string(), n));
+        }
+    };
+    for s in &pb.steps {
+        match &s.kind {
+            StepKind::Action { operation, inputs } => visit(&s.id, operation, inputs),
+            StepKind::Approval(a) => a.notify.iter().for_each(|(op, t)| visit(&s.id, op, t)),
+            _ => {}
+        }
+    }
+    out
+}

@@ -54,6 +54,8 @@ pub enum Auth {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Connection {
+    /// Filled from the key it is declared under.
+    #[serde(default)]
     pub name: String,
     /// e.g. `https://acme.service-now.com`; requests go to `base_url` + the step's `path`.
     pub base_url: String,

@@ -1,1 +1,16 @@
-//! placeholder
+//! Riposte's HTTP action: the one place an outbound request is built and sent.
+//!
+//! Guarantee: every outbound request goes through [`ReqwestSender`], which only sends to a
+//! connection's declared `base_url`, under an [`EgressPolicy`] enforced on the address actually
+//! connected, with credentials resolved through the [`riposte_core::ports::Secrets`] port at call
+//! time and never shown in an error; [`redact_request`] is what shows a request.
+
+mod egress;
+mod redact;
+mod secrets;
+mod sender;
+
+pub use egress::{EgressPolicy, EgressRefused, EgressResolver, non_public_reason};
+pub use redact::{REDACTED, redact_request};
+pub use secrets::{ENV_PREFIX, EnvSecrets, StaticSecrets};
+pub use sender::ReqwestSender;

@@ -1,0 +1,740 @@
+//! The service: every trigger's behaviour over the ports, shared by every host.
+//!
+//! The Lambda functions and `riposte serve` call these same functions: ingesting an event,
+//! starting a manual run, handling one step message, answering an approval, administering rules
+//! and playbooks. Guarantee: every change to a run goes through the engine and one conditional
+//! [`Store::save_run`]; on a conflict the run is reloaded and the message re-applied, which the
+//! engine makes safe because a transition that already happened is stale.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use serde::Serialize;
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+
+use crate::approval::{Claims, Signer, TokenError, nonce_hash, same_hash};
+use crate::connector::{Builtins, Connections, connections_used};
+use crate::engine::{Claim, DecideError, Effects, Engine, IssuedLinks, Outcome, Work};
+use crate::event;
+use crate::http::{HttpError, HttpRequest};
+use crate::model::{Alert, AlertKind, Millis};
+use crate::playbook::{self, Playbook, PlaybookSpec, Problems, StepKind};
+use crate::ports::{Clock, HttpSender, IdSource};
+use crate::rule::{self, CompiledRule, Rule};
+use crate::run::{MessageKind, Run, StepMessage, Trigger};
+use crate::store::{AlertRecord, AuditEntry, EventRecord, Store, StoreError, StoredPlaybook};
+
+/// How many times a conflicting write is retried before the message is handed back to the queue.
+const MAX_CONFLICT_RETRIES: usize = 16;
+/// The largest input a manual run accepts.
+pub const MAX_INPUT_BYTES: usize = 256 * 1024;
+
+/// Errors a caller sees; each maps to one HTTP status.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum Error {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    Invalid(Problems),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    Gone(String),
+    #[error("{0}")]
+    TooLarge(String),
+    #[error("{0}")]
+    Unsupported(String),
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+impl Error {
+    /// The HTTP status this error is answered with.
+    pub fn status(&self) -> u16 {
+        match self {
+            Error::BadRequest(_) | Error::Invalid(_) => 400,
+            Error::Forbidden(_) => 403,
+            Error::NotFound(_) => 404,
+            Error::Conflict(_) => 409,
+            Error::Gone(_) => 410,
+            Error::TooLarge(_) => 413,
+            Error::Unsupported(_) => 422,
+            Error::Unavailable(_) => 503,
+        }
+    }
+}
+
+impl From<StoreError> for Error {
+    fn from(e: StoreError) -> Error {
+        Error::Unavailable(e.to_string())
+    }
+}
+
+impl From<event::Error> for Error {
+    fn from(e: event::Error) -> Error {
+        match e {
+            event::Error::TooLarge { .. } => Error::TooLarge(e.to_string()),
+            event::Error::Unsupported { .. } => Error::Unsupported(e.to_string()),
+            _ => Error::BadRequest(e.to_string()),
+        }
+    }
+}
+
+/// What the worker tells its queue about a message.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Handled {
+    /// Done (or stale): delete the message.
+    Done,
+    /// Deliver it again after this delay.
+    Retry { delay_ms: u64, reason: String },
+}
+
+/// Settings of a deployment.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Where approval links point, e.g. `https://riposte.example.com` or `http://127.0.0.1:8080`.
+    pub public_url: String,
+    /// How long rules are cached (0 in one process, where writes invalidate the cache).
+    pub rules_cache_ms: Millis,
+}
+
+/// The ports a service runs over.
+pub struct Deps {
+    pub store: Arc<dyn Store>,
+    pub http: Arc<dyn HttpSender>,
+    pub clock: Arc<dyn Clock>,
+    pub ids: Arc<dyn IdSource>,
+    pub signer: Signer,
+    pub connections: Connections,
+    pub config: Config,
+}
+
+/// A summary of an ingested event, as answered to the caller.
+#[derive(Debug, Clone, Serialize)]
+pub struct Ingested {
+    pub event_id: String,
+    pub alerts: Vec<AlertRecord>,
+}
+
+/// What the confirm page and the decision answer show.
+#[derive(Debug, Clone, Serialize)]
+pub struct ApprovalView {
+    pub run_id: String,
+    pub playbook_id: String,
+    pub step: String,
+    pub message: String,
+    pub choice: String,
+    pub choices: Vec<String>,
+    pub expires_at: Millis,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub decided: Option<crate::run::Decision>,
+}
+
+pub struct Service {
+    d: Deps,
+    playbooks: Mutex<HashMap<(String, u32), Arc<Playbook>>>,
+    rules: Mutex<Option<(Millis, Arc<Vec<CompiledRule>>)>>,
+}
+
+/// The run id for (alert, rule, playbook): the same on every redelivery of the event.
+pub fn derived_run_id(alert_id: &str, rule_id: &str, playbook_id: &str) -> String {
+    let mut h = Sha256::new();
+    for part in [alert_id, rule_id, playbook_id] {
+        h.update((part.len() as u64).to_be_bytes());
+        h.update(part.as_bytes());
+    }
+    format!("r{}", &hex::encode(h.finalize())[..25])
+}
+
+fn outcome_of(result: Result<crate::http::HttpResponse, HttpError>) -> Outcome {
+    match result {
+        Ok(r) => Outcome::Done(json!({"status": r.status, "headers": r.headers, "body": r.body})),
+        Err(HttpError::Retryable(m)) => Outcome::Failed { message: m, retryable: true },
+        Err(HttpError::Terminal(m)) => Outcome::Failed { message: m, retryable: false },
+    }
+}
+
+impl Service {
+    pub fn new(d: Deps) -> Service {
+        Service {
+            d,
+            playbooks: Mutex::new(HashMap::new()),
+            rules: Mutex::new(None),
+        }
+    }
+
+    pub fn deps(&self) -> &Deps {
+        &self.d
+    }
+
+    fn now(&self) -> Millis {
+        self.d.clock.now()
+    }
+
+    /// A pinned playbook version, compiled once per process.
+    pub async fn playbook(&self, id: &str, version: u32) -> Result<Arc<Playbook>, Error> {
+        let key = (id.to_string(), version);
+        if let Some(p) = self.playbooks.lock().map_err(|_| poisoned())?.get(&key) {
+            return Ok(p.clone());
+        }
+        let stored = self
+            .d
+            .store
+            .get_playbook(id, Some(version))
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("playbook `{id}` version {version} not found")))?;
+        let p = Arc::new(playbook::compile(stored.spec, version, &Builtins).map_err(Error::Invalid)?);
+        self.playbooks.lock().map_err(|_| poisoned())?.insert(key, p.clone());
+        Ok(p)
+    }
+
+    async fn latest_playbook(&self, id: &str) -> Result<Arc<Playbook>, Error> {
+        let stored = self
+            .d
+            .store
+            .get_playbook(id, None)
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("playbook `{id}` not found")))?;
+        self.playbook(id, stored.version).await
+    }
+
+    /// The enabled and disabled rules, compiled and in evaluation order.
+    async fn rules(&self) -> Result<Arc<Vec<CompiledRule>>, Error> {
+        let now = self.now();
+        if let Some((at, rules)) = self.rules.lock().map_err(|_| poisoned())?.as_ref()
+            && (self.d.config.rules_cache_ms == 0 || now - at < self.d.config.rules_cache_ms)
+        {
+            return Ok(rules.clone());
+        }
+        let mut compiled = Vec::new();
+        for r in self.d.store.list_rules(None).await? {
+            let id = r.id.clone();
+            match r.compile(&|_| true) {
+                Ok(c) => compiled.push(c),
+                Err(p) => tracing::warn!(message = "Stored rule does not compile; skipped.", rule = %id, problems = %p),
+            }
+        }
+        rule::sort(&mut compiled);
+        let rules = Arc::new(compiled);
+        *self.rules.lock().map_err(|_| poisoned())? = Some((now, rules.clone()));
+        Ok(rules)
+    }
+
+    fn forget_rules(&self) {
+        if let Ok(mut r) = self.rules.lock() {
+            *r = None;
+        }
+    }
+
+    // ----- triggers -----
+
+    /// An EventBridge event arrives: normalize, evaluate rules, start one run per match.
+    pub async fn ingest_event(&self, event: &Value) -> Result<Ingested, Error> {
+        let alerts = event::normalize(event)?;
+        let event_id = event
+            .get("id")
+            .and_then(Value::as_str)
+            .map(str::to_string)
+            .unwrap_or_else(|| alerts.first().map(|a| a.id.clone()).unwrap_or_default());
+        let source = event.get("source").and_then(Value::as_str).unwrap_or_default().to_string();
+        let now = self.now();
+        let rules = self.rules().await?;
+        let mut records = Vec::new();
+        for alert in alerts {
+            records.push(self.ingest_alert(&rules, &event_id, alert, now).await?);
+        }
+        let record = EventRecord {
+            event_id: event_id.clone(),
+            received_at: now,
+            source,
+            alerts: records.clone(),
+        };
+        self.d.store.put_event(&record).await?;
+        Ok(Ingested { event_id, alerts: records })
+    }
+
+    async fn ingest_alert(
+        &self,
+        rules: &[CompiledRule],
+        event_id: &str,
+        alert: Alert,
+        now: Millis,
+    ) -> Result<AlertRecord, Error> {
+        let evaluation = rule::evaluate(rules, &alert, now);
+        let input = serde_json::to_value(&alert).unwrap_or(Value::Null);
+        let mut runs = Vec::new();
+        for (rule_id, playbook_id) in evaluation.runs(rules) {
+            let pb = match self.latest_playbook(&playbook_id).await {
+                Ok(pb) => pb,
+                Err(e) => {
+                    tracing::warn!(message = "Rule names a playbook that cannot run.", rule = %rule_id, playbook = %playbook_id, error = %e);
+                    continue;
+                }
+            };
+            let id = derived_run_id(&alert.id, &rule_id, &playbook_id);
+            let trigger = Trigger::Rule {
+                rule_id: rule_id.clone(),
+                event_id: event_id.to_string(),
+                alert_id: alert.id.clone(),
+            };
+            let (run, fx) = Engine::new(&pb).start(id.clone(), trigger, input.clone(), now);
+            if self.d.store.create_run(&run, &fx).await? {
+                tracing::info!(message = "Run started by rule.", run_id = %id, rule = %rule_id, playbook = %playbook_id);
+            }
+            runs.push(id);
+        }
+        Ok(AlertRecord {
+            alert_id: alert.id,
+            kind: alert.kind,
+            title: alert.title,
+            evaluation,
+            runs,
+        })
+    }
+
+    /// An operator starts a playbook on an input (an alert, a recommendation, or any JSON).
+    pub async fn start_run(&self, playbook_id: &str, input: Value, by: &str) -> Result<Run, Error> {
+        let size = serde_json::to_vec(&input).map(|v| v.len()).unwrap_or(0);
+        if size > MAX_INPUT_BYTES {
+            return Err(Error::TooLarge(format!("input is {size} bytes; the limit is {MAX_INPUT_BYTES}")));
+        }
+        let pb = self.latest_playbook(playbook_id).await?;
+        let id = self.d.ids.new_id();
+        let (run, fx) = Engine::new(&pb).start(id, Trigger::Manual { by: by.into() }, input, self.now());
+        self.d.store.create_run(&run, &fx).await?;
+        Ok(run)
+    }
+
+    /// Cancels a run; its waiting approvals die with it.
+    pub async fn cancel_run(&self, run_id: &str, by: &str) -> Result<Run, Error> {
+        for _ in 0..MAX_CONFLICT_RETRIES {
+            let (mut run, ver) = self.load(run_id).await?;
+            let pb = self.playbook(&run.playbook_id, run.playbook_version).await?;
+            if !Engine::new(&pb).cancel(&mut run, by, self.now()) {
+                return Err(Error::Conflict(format!("run {run_id} is already {}", run.status.as_str())));
+            }
+            match self.d.store.save_run(&run, ver, &Effects::default()).await {
+                Ok(()) => return Ok(run),
+                Err(StoreError::Conflict(_)) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(Error::Unavailable(format!("run {run_id} is too busy to cancel; try again")))
+    }
+
+    pub async fn load(&self, run_id: &str) -> Result<(Run, u64), Error> {
+        self.d
+            .store
+            .load_run(run_id)
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("run `{run_id}` not found")))
+    }
+
+    // ----- the step worker -----
+
+    /// Handles one step message. Safe to call again with the same message at any point.
+    pub async fn handle(&self, msg: &StepMessage) -> Result<Handled, Error> {
+        for _ in 0..MAX_CONFLICT_RETRIES {
+            match self.handle_once(msg).await {
+                Err(Error::Conflict(_)) => continue,
+                other => return other,
+            }
+        }
+        Ok(Handled::Retry {
+            delay_ms: 100,
+            reason: format!("run {} kept changing under this message", msg.run_id),
+        })
+    }
+
+    async fn handle_once(&self, msg: &StepMessage) -> Result<Handled, Error> {
+        let Some((mut run, ver)) = self.d.store.load_run(&msg.run_id).await? else {
+            tracing::warn!(message = "Message for an unknown run dropped.", run_id = %msg.run_id, step = %msg.step);
+            return Ok(Handled::Done);
+        };
+        let pb = self.playbook(&run.playbook_id, run.playbook_version).await?;
+        let engine = Engine::new(&pb);
+        let now = self.now();
+        let mut fx = Effects::default();
+
+        if msg.kind == MessageKind::ChildFinished {
+            let child_id = pb
+                .step(&msg.step)
+                .and_then(|(i, _)| run.steps.get(i))
+                .and_then(|s| s.iterations.get(msg.iteration as usize))
+                .and_then(|it| it.child_run.clone());
+            let Some(child_id) = child_id else { return Ok(Handled::Done) };
+            let Some((child, _)) = self.d.store.load_run(&child_id).await? else {
+                return Ok(Handled::Done);
+            };
+            if engine.child_finished(&mut run, msg, &child, now, &mut fx) {
+                self.save(&run, ver, &fx).await?;
+            }
+            return Ok(Handled::Done);
+        }
+
+        let links = match (pb.step(&msg.step), &msg.kind) {
+            (Some((_, step)), MessageKind::Execute) => match &step.kind {
+                StepKind::Approval(a) => Some(self.issue_links(msg, a, now)),
+                _ => None,
+            },
+            _ => None,
+        };
+        match engine.claim(&mut run, msg, now, links.as_ref(), &mut fx) {
+            Claim::Stale(reason) => {
+                tracing::debug!(message = "Stale message acknowledged.", run_id = %msg.run_id, step = %msg.step, %reason);
+                Ok(Handled::Done)
+            }
+            Claim::Busy(until) => Ok(Handled::Retry {
+                delay_ms: (until - now).max(1) as u64,
+                reason: "the step is claimed by another worker".into(),
+            }),
+            Claim::Settled => {
+                self.save(&run, ver, &fx).await?;
+                Ok(Handled::Done)
+            }
+            Claim::Execute(Work::StartChild) => {
+                let (child_pb, input, trigger) = engine
+                    .child_request(&run, msg)
+                    .ok_or_else(|| Error::BadRequest("not a playbook step".into()))?;
+                let outcome = match self.latest_playbook(&child_pb).await {
+                    Ok(cpb) => {
+                        let child_id = crate::engine::child_run_id(&run.id, msg);
+                        let (child, cfx) = Engine::new(&cpb).start(child_id, trigger, input, now);
+                        fx.messages.extend(cfx.messages);
+                        fx.new_runs.push(child);
+                        Outcome::Waiting
+                    }
+                    Err(e) => Outcome::Failed { message: e.to_string(), retryable: false },
+                };
+                engine.finish(&mut run, msg, outcome, now, &mut fx);
+                self.save(&run, ver, &fx).await?;
+                Ok(Handled::Done)
+            }
+            Claim::Execute(work) => {
+                // Record the claim before the side effect: a lost worker is then visible and its
+                // step is taken over only after the lease.
+                self.save(&run, ver, &fx).await?;
+                let outcome = self.perform(&work).await;
+                self.record(msg, outcome).await
+            }
+        }
+    }
+
+    async fn perform(&self, work: &Work) -> Outcome {
+        match work {
+            Work::Http(req) => self.send(req).await,
+            Work::Notify(reqs) => {
+                for r in reqs {
+                    if let Outcome::Failed { message, retryable } = self.send(r).await {
+                        return Outcome::Failed {
+                            message: format!("sending the approval through `{}`: {message}", r.connection),
+                            retryable,
+                        };
+                    }
+                }
+                Outcome::Waiting
+            }
+            Work::Local(v) => Outcome::Done(v.clone()),
+            Work::StartChild => Outcome::Failed { message: "child runs start in handle".into(), retryable: false },
+        }
+    }
+
+    async fn send(&self, req: &HttpRequest) -> Outcome {
+        match self.d.connections.get(&req.connection) {
+            None => Outcome::Failed {
+                message: format!("unknown connection `{}`", req.connection),
+                retryable: false,
+            },
+            Some(conn) => outcome_of(self.d.http.send(conn, req).await),
+        }
+    }
+
+    /// Writes a claimed step's outcome, reloading on conflicts.
+    async fn record(&self, msg: &StepMessage, outcome: Outcome) -> Result<Handled, Error> {
+        for _ in 0..MAX_CONFLICT_RETRIES {
+            let (mut run, ver) = match self.d.store.load_run(&msg.run_id).await? {
+                Some(r) => r,
+                None => return Ok(Handled::Done),
+            };
+            let pb = self.playbook(&run.playbook_id, run.playbook_version).await?;
+            let mut fx = Effects::default();
+            if !Engine::new(&pb).finish(&mut run, msg, outcome.clone(), self.now(), &mut fx) {
+                return Ok(Handled::Done);
+            }
+            match self.d.store.save_run(&run, ver, &fx).await {
+                Ok(()) => return Ok(Handled::Done),
+                Err(StoreError::Conflict(_)) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(Handled::Retry { delay_ms: 100, reason: "could not record the outcome".into() })
+    }
+
+    async fn save(&self, run: &Run, ver: u64, fx: &Effects) -> Result<(), Error> {
+        self.d.store.save_run(run, ver, fx).await.map_err(|e| match e {
+            StoreError::Conflict(m) => Error::Conflict(m),
+            e => e.into(),
+        })
+    }
+
+    fn issue_links(&self, msg: &StepMessage, a: &crate::playbook::Approval, now: Millis) -> IssuedLinks {
+        let nonce = self.d.ids.nonce();
+        let mut links = serde_json::Map::new();
+        for choice in &a.choices {
+            let token = self.d.signer.sign(&Claims {
+                r: msg.run_id.clone(),
+                s: msg.step.clone(),
+                i: msg.iteration,
+                c: choice.clone(),
+                e: now + a.expires_in_ms as Millis,
+                a: a.approvers.clone(),
+                n: nonce.clone(),
+            });
+            links.insert(
+                choice.clone(),
+                Value::String(format!("{}/approvals/{token}", self.d.config.public_url.trim_end_matches('/'))),
+            );
+        }
+        IssuedLinks { nonce_hash: nonce_hash(&nonce), links }
+    }
+
+    // ----- approvals -----
+
+    async fn approval_of(&self, token: &str) -> Result<(Claims, Run, u64, ApprovalView), Error> {
+        let claims = self.d.signer.verify(token).map_err(|e| match e {
+            TokenError::Malformed | TokenError::BadSignature => Error::Forbidden(format!("{e}: it was altered or not issued by this Riposte")),
+        })?;
+        let forged = || Error::Forbidden("this approval link does not belong to a current approval".into());
+        let (run, ver) = self.d.store.load_run(&claims.r).await?.ok_or_else(forged)?;
+        let it = run
+            .steps
+            .iter()
+            .find(|s| s.id == claims.s)
+            .and_then(|s| s.iterations.get(claims.i as usize))
+            .ok_or_else(forged)?;
+        let ap = it.approval.as_ref().ok_or_else(forged)?;
+        if !same_hash(&ap.nonce_hash, &nonce_hash(&claims.n)) {
+            return Err(forged());
+        }
+        let view = ApprovalView {
+            run_id: run.id.clone(),
+            playbook_id: run.playbook_id.clone(),
+            step: claims.s.clone(),
+            message: ap.message.clone(),
+            choice: claims.c.clone(),
+            choices: ap.choices.clone(),
+            expires_at: ap.expires_at,
+            decided: ap.decision.clone(),
+        };
+        Ok((claims, run, ver, view))
+    }
+
+    /// What a link's confirm page shows. Never decides.
+    pub async fn approval_view(&self, token: &str) -> Result<ApprovalView, Error> {
+        let (claims, run, _, view) = self.approval_of(token).await?;
+        if let Some(d) = &view.decided {
+            return Err(Error::Conflict(format!("already answered: `{}` by {}", d.choice, d.by)));
+        }
+        if run.status.is_terminal() {
+            return Err(Error::Gone(format!("the run is {}", run.status.as_str())));
+        }
+        if claims.e <= self.now() {
+            return Err(Error::Gone("this approval link has expired".into()));
+        }
+        Ok(view)
+    }
+
+    /// Answers an approval with the link's choice. The first valid answer wins.
+    pub async fn decide(&self, token: &str, by: Option<&str>) -> Result<ApprovalView, Error> {
+        let (claims, _, _, _) = self.approval_of(token).await?;
+        if claims.e <= self.now() {
+            return Err(Error::Gone("this approval link has expired".into()));
+        }
+        let who = match by.map(str::trim).filter(|s| !s.is_empty()) {
+            Some(name) => {
+                if !claims.a.is_empty() && !claims.a.iter().any(|a| a.eq_ignore_ascii_case(name)) {
+                    return Err(Error::Forbidden(format!("{name} is not an approver of this step")));
+                }
+                name.to_string()
+            }
+            None => "approval link".to_string(),
+        };
+        self.decide_at(&claims.r, &claims.s, claims.i, &claims.c, &who, Some(&claims.n)).await
+    }
+
+    /// An authenticated operator answers an approval of a run (the `riposte approve` path).
+    /// Named approvers, when the approval has any, are enforced.
+    pub async fn decide_as(&self, run_id: &str, step: &str, iteration: u32, choice: &str, by: &str) -> Result<ApprovalView, Error> {
+        self.decide_at(run_id, step, iteration, choice, by, None).await
+    }
+
+    async fn decide_at(
+        &self,
+        run_id: &str,
+        step: &str,
+        iteration: u32,
+        choice: &str,
+        who: &str,
+        nonce: Option<&str>,
+    ) -> Result<ApprovalView, Error> {
+        for _ in 0..MAX_CONFLICT_RETRIES {
+            let (mut run, ver) = self.load(run_id).await?;
+            let ap = run
+                .steps
+                .iter()
+                .find(|s| s.id == step)
+                .and_then(|s| s.iterations.get(iteration as usize))
+                .and_then(|it| it.approval.clone())
+                .ok_or_else(|| Error::NotFound(format!("no approval at step `{step}` iteration {iteration} of run {run_id}")))?;
+            match nonce {
+                Some(n) if !same_hash(&ap.nonce_hash, &nonce_hash(n)) => {
+                    return Err(Error::Forbidden("this approval link does not belong to a current approval".into()));
+                }
+                None if !ap.approvers.is_empty() && !ap.approvers.iter().any(|a| a.eq_ignore_ascii_case(who)) => {
+                    return Err(Error::Forbidden(format!("{who} is not an approver of this step")));
+                }
+                _ => {}
+            }
+            let pb = self.playbook(&run.playbook_id, run.playbook_version).await?;
+            let mut fx = Effects::default();
+            let now = self.now();
+            match Engine::new(&pb).decide(&mut run, step, iteration, choice, who, now, &mut fx) {
+                Ok(()) => {}
+                Err(e @ DecideError::AlreadyDecided { .. }) => return Err(Error::Conflict(e.to_string())),
+                Err(e @ (DecideError::Closed(_) | DecideError::Expired)) => return Err(Error::Gone(e.to_string())),
+                Err(e @ DecideError::BadChoice(_)) => return Err(Error::BadRequest(e.to_string())),
+                Err(e @ (DecideError::NotAllowed(_) | DecideError::NotFound)) => return Err(Error::Forbidden(e.to_string())),
+            }
+            match self.d.store.save_run(&run, ver, &fx).await {
+                Ok(()) => {
+                    tracing::info!(message = "Approval answered.", run_id = %run.id, step = %step, choice = %choice, by = %who);
+                    return Ok(ApprovalView {
+                        run_id: run.id.clone(),
+                        playbook_id: run.playbook_id.clone(),
+                        step: step.into(),
+                        message: ap.message.clone(),
+                        choice: choice.into(),
+                        choices: ap.choices.clone(),
+                        expires_at: ap.expires_at,
+                        decided: Some(crate::run::Decision { choice: choice.into(), by: who.into(), at: now, expired: false }),
+                    });
+                }
+                Err(StoreError::Conflict(_)) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(Error::Unavailable("the run is busy; try again".into()))
+    }
+
+    // ----- administration -----
+
+    /// Validates and stores a playbook as a new version.
+    pub async fn put_playbook(&self, spec: PlaybookSpec, by: &str) -> Result<StoredPlaybook, Error> {
+        let pb = playbook::compile(spec.clone(), 0, &Builtins).map_err(Error::Invalid)?;
+        let missing: Vec<playbook::Problem> = connections_used(&pb)
+            .into_iter()
+            .filter(|(_, c)| self.d.connections.get(c).is_none())
+            .map(|(step, c)| playbook::Problem {
+                file: None,
+                step: Some(step),
+                field: "with.connection".into(),
+                message: format!(
+                    "unknown connection `{c}` (declared: {})",
+                    self.d.connections.names().collect::<Vec<_>>().join(", ")
+                ),
+            })
+            .collect();
+        if !missing.is_empty() {
+            return Err(Error::Invalid(Problems(missing)));
+        }
+        for s in &pb.steps {
+            if let StepKind::Playbook { id, .. } = &s.kind
+                && id != pb.id()
+                && self.d.store.get_playbook(id, None).await?.is_none()
+            {
+                return Err(Error::Invalid(Problems(vec![playbook::Problem {
+                    file: None,
+                    step: Some(s.id.clone()),
+                    field: "playbook".into(),
+                    message: format!("unknown playbook `{id}`"),
+                }])));
+            }
+        }
+        let now = self.now();
+        let version = self.d.store.put_playbook(&spec, by, now).await?;
+        self.audit(by, "playbook.put", &spec.id, Some(format!("version {version}"))).await?;
+        Ok(StoredPlaybook { spec, version, created_by: by.into(), created_at: now, deleted: false })
+    }
+
+    pub async fn delete_playbook(&self, id: &str, by: &str) -> Result<(), Error> {
+        if !self.d.store.delete_playbook(id).await? {
+            return Err(Error::NotFound(format!("playbook `{id}` not found")));
+        }
+        self.audit(by, "playbook.delete", id, None).await
+    }
+
+    /// Validates and stores a rule (create or replace).
+    pub async fn put_rule(&self, mut r: Rule, by: &str) -> Result<Rule, Error> {
+        let mut known = Vec::new();
+        for id in &r.playbooks {
+            if self.d.store.get_playbook(id, None).await?.is_some() {
+                known.push(id.clone());
+            }
+        }
+        r.updated_by = Some(by.into());
+        r.updated_at = Some(self.now());
+        let compiled = r.clone().compile(&|id| known.iter().any(|k| k == id)).map_err(Error::Invalid)?;
+        self.d.store.put_rule(&compiled.rule).await?;
+        self.forget_rules();
+        self.audit(by, "rule.put", &r.id, Some(format!("enabled={}", r.enabled))).await?;
+        Ok(compiled.rule)
+    }
+
+    pub async fn set_rule_enabled(&self, id: &str, enabled: bool, by: &str) -> Result<Rule, Error> {
+        let mut r = self
+            .d
+            .store
+            .get_rule(id)
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("rule `{id}` not found")))?;
+        r.enabled = enabled;
+        self.put_rule(r, by).await
+    }
+
+    pub async fn delete_rule(&self, id: &str, by: &str) -> Result<(), Error> {
+        if !self.d.store.delete_rule(id).await? {
+            return Err(Error::NotFound(format!("rule `{id}` not found")));
+        }
+        self.forget_rules();
+        self.audit(by, "rule.delete", id, None).await
+    }
+
+    async fn audit(&self, by: &str, action: &str, target: &str, detail: Option<String>) -> Result<(), Error> {
+        self.d
+            .store
+            .append_audit(&AuditEntry { at: self.now(), by: by.into(), action: action.into(), target: target.into(), detail })
+            .await
+            .map_err(Into::into)
+    }
+
+    /// Rules for one trigger kind, in evaluation order.
+    pub async fn list_rules(&self) -> Result<Vec<Rule>, Error> {
+        let mut rules = self.d.store.list_rules(None).await?;
+        rules.sort_by(|a, b| (a.order, &a.id).cmp(&(b.order, &b.id)));
+        Ok(rules)
+    }
+
+    /// Kind filter helper for hosts that serve one trigger.
+    pub fn kind_of(event: &Value) -> Option<AlertKind> {
+        event::normalize(event).ok()?.first().map(|a| a.kind)
+    }
+}
+
+fn poisoned() -> Error {
+    Error::Unavailable("internal cache lock poisoned".into())
+}

@@ -1,0 +1,114 @@
+//! The store port: durable state and its outbox.
+//!
+//! Guarantee asked of every implementation: [`Store::save_run`] applies the run's new state, the
+//! messages it enqueues and the child runs it creates all together or not at all, and only if the
+//! run is still at the version that was loaded; otherwise it returns [`StoreError::Conflict`] and
+//! changes nothing. [`Store::create_run`] creates a run only if no run has that id.
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+use crate::engine::Effects;
+use crate::model::{AlertKind, Millis};
+use crate::playbook::PlaybookSpec;
+use crate::rule::{Evaluation, Rule};
+use crate::run::{Run, RunStatus};
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    /// The record changed since it was read (optimistic concurrency).
+    #[error("concurrent update of {0}")]
+    Conflict(String),
+    /// The backend failed; worth retrying.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// A stored record could not be read back.
+    #[error("corrupt record {0}")]
+    Corrupt(String),
+}
+
+/// One immutable playbook version.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StoredPlaybook {
+    pub spec: PlaybookSpec,
+    pub version: u32,
+    pub created_by: String,
+    pub created_at: Millis,
+    #[serde(default)]
+    pub deleted: bool,
+}
+
+/// One line of a list of runs.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RunSummary {
+    pub id: String,
+    pub playbook_id: String,
+    pub playbook_version: u32,
+    pub status: RunStatus,
+    pub created_at: Millis,
+    pub updated_at: Millis,
+}
+
+/// What happened to one alert or recommendation: the rules' verdicts and the runs started.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AlertRecord {
+    pub alert_id: String,
+    pub kind: AlertKind,
+    pub title: String,
+    pub evaluation: Evaluation,
+    /// Run ids started (or found already started, on redelivery).
+    pub runs: Vec<String>,
+}
+
+/// What happened to one delivered event.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EventRecord {
+    pub event_id: String,
+    pub received_at: Millis,
+    pub source: String,
+    pub alerts: Vec<AlertRecord>,
+}
+
+/// One change to a rule or playbook, for the append-only audit trail.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AuditEntry {
+    pub at: Millis,
+    pub by: String,
+    /// e.g. `playbook.put`, `rule.delete`.
+    pub action: String,
+    pub target: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
+#[async_trait]
+pub trait Store: Send + Sync {
+    /// Stores a new version (latest + 1) unless it equals the latest, whose version it returns.
+    async fn put_playbook(&self, spec: &PlaybookSpec, by: &str, at: Millis) -> Result<u32, StoreError>;
+    /// A version, or the latest live one when `version` is `None`.
+    async fn get_playbook(&self, id: &str, version: Option<u32>) -> Result<Option<StoredPlaybook>, StoreError>;
+    /// The latest version of every live playbook.
+    async fn list_playbooks(&self) -> Result<Vec<StoredPlaybook>, StoreError>;
+    /// Marks a playbook deleted: no new run starts; versions stay for the runs that pinned them.
+    async fn delete_playbook(&self, id: &str) -> Result<bool, StoreError>;
+
+    async fn put_rule(&self, rule: &Rule) -> Result<(), StoreError>;
+    async fn get_rule(&self, id: &str) -> Result<Option<Rule>, StoreError>;
+    /// Rules, for one trigger kind or all.
+    async fn list_rules(&self, trigger: Option<AlertKind>) -> Result<Vec<Rule>, StoreError>;
+    async fn delete_rule(&self, id: &str) -> Result<bool, StoreError>;
+
+    /// Creates the run and commits its effects; `false` (and nothing written) if the id exists.
+    async fn create_run(&self, run: &Run, fx: &Effects) -> Result<bool, StoreError>;
+    /// The run and its version.
+    async fn load_run(&self, id: &str) -> Result<Option<(Run, u64)>, StoreError>;
+    /// See the module guarantee.
+    async fn save_run(&self, run: &Run, version: u64, fx: &Effects) -> Result<(), StoreError>;
+    async fn list_runs(&self, limit: usize, status: Option<RunStatus>) -> Result<Vec<RunSummary>, StoreError>;
+
+    async fn put_event(&self, record: &EventRecord) -> Result<(), StoreError>;
+    async fn get_event(&self, id: &str) -> Result<Option<EventRecord>, StoreError>;
+
+    async fn append_audit(&self, entry: &AuditEntry) -> Result<(), StoreError>;
+    async fn list_audit(&self, limit: usize) -> Result<Vec<AuditEntry>, StoreError>;
+}

@@ -37,6 +37,20 @@ pub struct EvalError {
     pub message: String,
 }
 
+/// The one CEL environment: the standard library plus the strings (`join`, `split`, `format`,
+/// `lowerAscii`...) and lists (`distinct`, `flatten`, `slice`...) extensions.
+fn env() -> Arc<cel::Env> {
+    static ENV: std::sync::OnceLock<Arc<cel::Env>> = std::sync::OnceLock::new();
+    ENV.get_or_init(|| {
+        let mut env = cel::Env::stdlib();
+        // Both extensions ship with cel and declare fixed names: they cannot clash.
+        let _ = env.add_extension(cel::extensions::strings);
+        let _ = env.add_extension(cel::extensions::lists);
+        Arc::new(env)
+    })
+    .clone()
+}
+
 /// The longest expression accepted (bounds parse cost).
 pub const MAX_EXPR_LEN: usize = 4096;
 
@@ -51,7 +65,7 @@ impl Expr {
             return Err(format!("expression longer than {MAX_EXPR_LEN} characters"));
         }
         // The CEL parser is not ours: keep a parser bug from taking the process down.
-        let parsed = std::panic::catch_unwind(|| cel::Program::compile(trimmed));
+        let parsed = std::panic::catch_unwind(|| env().compile(trimmed));
         match parsed {
             Ok(Ok(program)) => Ok(Expr {
                 source: trimmed.into(),
@@ -132,7 +146,7 @@ impl Default for Scope {
 impl Scope {
     pub fn new() -> Scope {
         Scope {
-            ctx: cel::Context::default(),
+            ctx: cel::Context::with_env(env()),
         }
     }
 
@@ -492,6 +506,13 @@ mod tests {
         let mut v = e.variables();
         v.sort();
         assert_eq!(v, vec!["alert", "steps"]);
+    }
+
+    #[test]
+    fn string_and_list_extensions_are_available() {
+        let s = scope(json!({"ips": ["198.51.100.1", "203.0.113.9", "198.51.100.1"]}));
+        let e = Expr::parse("alert.ips.distinct().join(', ')").unwrap();
+        assert_eq!(e.eval(&s).unwrap(), json!("198.51.100.1, 203.0.113.9"));
     }
 
     #[test]

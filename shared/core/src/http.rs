@@ -48,6 +48,9 @@ pub enum Auth {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         scope: Option<String>,
     },
+    /// AWS Signature Version 4 with the host's AWS credentials (the function's role on AWS; the
+    /// standard AWS environment variables locally).
+    AwsSigv4 { service: String, region: String },
 }
 
 /// A named, declared endpoint: the only place a scheme, host and credentials come from.

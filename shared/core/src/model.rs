@@ -75,8 +75,13 @@ pub struct Resource {
 /// Things an alert names that a playbook acts on. Each list is deduplicated, in first-seen order.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Entities {
+    /// Every IP address the alert names, remote side first.
     #[serde(default)]
     pub ips: Vec<String>,
+    /// The IPs on the far side of the activity (the caller, the probe's source, the destination
+    /// of exfiltration): what a firewall block is about. A subset of `ips`.
+    #[serde(default)]
+    pub remote_ips: Vec<String>,
     #[serde(default)]
     pub users: Vec<String>,
     #[serde(default)]

@@ -296,7 +296,7 @@ mod tests {
         assert_eq!(verdicts[..6], ["disabled", "expired", "rule is for the other trigger kind", "matched", "matched", "matched"]);
         assert!(verdicts[6].starts_with("condition could not be evaluated"), "{verdicts:?}");
         assert_eq!(ev.runs(&rules).len(), 3);
-        let low = evaluate(&rules, &alert("port probe", Severity::Low), 0);
+        let low = evaluate(&rules, &alert("port probe", Severity::Low), 1_700_000_000_000);
         assert!(low.runs(&rules).is_empty());
     }
 

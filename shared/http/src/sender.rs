@@ -246,6 +246,7 @@ impl ReqwestSender {
         let terminal = |msg: String| HttpError::Terminal(format!("{label}: {msg}"));
         match &connection.auth {
             Auth::None => Ok(None),
+            Auth::AwsSigv4 { .. } => Err(terminal("aws_sigv4 signing is not available yet".into())),
             Auth::Bearer { token } => {
                 let token = self.secret(label, token, scrub).await?;
                 set_header(headers, "Authorization", &format!("Bearer {token}"))

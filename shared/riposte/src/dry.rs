@@ -44,6 +44,7 @@ fn describe_auth(auth: &Auth) -> String {
             header.as_deref().map(|h| format!("header {h}")).or(query.as_deref().map(|q| format!("query {q}"))).unwrap_or_default(),
             key.secret
         ),
+        Auth::AwsSigv4 { service, region } => format!("AWS SigV4 for {service} in {region}, with the host's AWS credentials"),
         Auth::Oauth2ClientCredentials { token_url, client_id, client_secret, .. } => {
             format!("OAuth2 client credentials at {token_url}, client `{client_id}`, secret `{}`", client_secret.secret)
         }
@@ -87,17 +88,20 @@ fn url_encode(s: &str) -> String {
     url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
 }
 
-pub async fn run(playbook_file: &Path, event_file: &Path, choice: Option<String>, connections: &Path) -> Result<()> {
-    run_with(playbook_file, event_file, choice, connections, None).await
-}
-
-pub async fn run_with(
+pub async fn run(
     playbook_file: &Path,
     event_file: &Path,
     choice: Option<String>,
     connections: &Path,
-    responses: Option<BTreeMap<String, Value>>,
+    responses: Option<&Path>,
 ) -> Result<()> {
+    let responses: Option<BTreeMap<String, Value>> = match responses {
+        Some(p) => Some(
+            serde_json::from_slice(&std::fs::read(p).with_context(|| format!("reading {}", p.display()))?)
+                .with_context(|| format!("{}: expected a JSON map of connection name to response body", p.display()))?,
+        ),
+        None => None,
+    };
     let text = std::fs::read_to_string(playbook_file).with_context(|| format!("reading {}", playbook_file.display()))?;
     let spec = riposte_core::playbook::parse_spec(&text, Some(&playbook_file.display().to_string())).map_err(|p| anyhow::anyhow!("{p}"))?;
     let event: Value = serde_json::from_slice(&std::fs::read(event_file).with_context(|| format!("reading {}", event_file.display()))?)
@@ -139,7 +143,8 @@ pub async fn run_with(
             if let Some((step, i, a)) = open {
                 let c = choice.clone().filter(|c| a.choices.contains(c)).or(a.default.clone()).unwrap_or_else(|| a.choices[0].clone());
                 println!("\n== approval `{step}`: \"{}\" answered `{c}` (dry run)", a.message);
-                local.service.decide_as(&run.id, &step, i, &c, "dry-run").await?;
+                let who = a.approvers.first().cloned().unwrap_or_else(|| "dry-run".into());
+                local.service.decide_as(&run.id, &step, i, &c, &who).await?;
                 continue;
             }
             match local.store.next_visible_at()? {

@@ -115,6 +115,9 @@ enum Command {
         choice: Option<String>,
         #[arg(long, default_value = "infra/connections.yaml")]
         connections: PathBuf,
+        /// JSON file: connection name -> the response body its calls get (default `{}`).
+        #[arg(long)]
+        responses: Option<PathBuf>,
     },
 }
 
@@ -174,7 +177,9 @@ fn main() -> Result<()> {
                     .approve(&target, choice, step, iteration, approver)
                     .await
             }
-            Command::Test { playbook, event, choice, connections } => dry::run(&playbook, &event, choice, &connections).await,
+            Command::Test { playbook, event, choice, connections, responses } => {
+                dry::run(&playbook, &event, choice, &connections, responses.as_deref()).await
+            }
         }
     })
 }

@@ -182,6 +182,7 @@ fn entities(finding: &Value) -> Entities {
     for ip in list_at(action, &["kubernetesApiCallAction", "sourceIps"]) {
         push_ip(&mut e, ip.as_str());
     }
+    e.remote_ips = e.ips.clone();
     push_host(&mut e, str_at(action, &["dnsRequestAction", "domain"]));
     push_host(
         &mut e,
@@ -340,6 +341,7 @@ mod tests {
                 "203.0.113.45"
             ]
         );
+        assert_eq!(a.entities.remote_ips, ["198.51.100.101", "203.0.113.200"], "the instance's own addresses are not remote");
         assert!(a.entities.users.is_empty());
         assert_eq!(a.entities.hosts[0], "i-0b2c3d4e5f6a78901");
     }
@@ -353,6 +355,7 @@ mod tests {
             "UnauthorizedAccess:IAMUser/InstanceCredentialExfiltration.OutsideAWS"
         );
         assert_eq!(a.entities.ips, ["203.0.113.77", "10.0.2.40"]);
+        assert_eq!(a.entities.remote_ips, ["203.0.113.77"]);
         assert_eq!(a.entities.users, ["svc-deploy"]);
         assert_eq!(
             a.resources,

@@ -240,6 +240,7 @@ fn entities(finding: &Value) -> Entities {
             _ => {}
         }
     }
+    e.remote_ips = e.ips.clone();
     network_side(&mut e, finding, local);
 
     // Malware scan results.

@@ -1,1 +1,209 @@
-//! End-to-end tests live in tests/*.rs
+//! The test kit: vendor stand-ins on 127.0.0.1 that record the exact requests they receive and
+//! answer as the vendor documents, and a whole local Riposte (SQLite store, worker, HTTP routes)
+//! started in this process on a random port.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::{Request, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde_json::Value;
+use tokio::sync::watch;
+
+use riposte::runtime::{SystemClock, build, load_connections, run_worker, seed};
+use riposte_api::{ApiKeys, AppState, Role};
+use riposte_core::model::Millis;
+use riposte_core::ports::Clock;
+use riposte_core::run::Run;
+use riposte_core::store::Store;
+use riposte_http::{EgressPolicy, ReqwestSender, StaticSecrets};
+
+/// The repository root.
+pub fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// A file from `events/`, parsed.
+pub fn event(name: &str) -> Value {
+    let p = repo().join("events").join(name);
+    serde_json::from_slice(&std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display())))
+        .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
+/// One request as a vendor received it.
+#[derive(Clone, Debug)]
+pub struct Recorded {
+    pub method: String,
+    pub path: String,
+    pub query: Option<String>,
+    pub headers: BTreeMap<String, String>,
+    pub body: String,
+}
+
+impl Recorded {
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("{} {}: body is not JSON ({e}): {}", self.method, self.path, self.body))
+    }
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(&name.to_ascii_lowercase()).map(String::as_str)
+    }
+    pub fn form(&self) -> BTreeMap<String, String> {
+        url::form_urlencoded::parse(self.body.as_bytes()).into_owned().collect()
+    }
+    pub fn query_pairs(&self) -> Vec<(String, String)> {
+        url::form_urlencoded::parse(self.query.as_deref().unwrap_or("").as_bytes()).into_owned().collect()
+    }
+}
+
+/// How a vendor answers a request: status and JSON body (`Value::Null` for an empty body).
+pub type Responder = Arc<dyn Fn(&Recorded) -> (u16, Value) + Send + Sync>;
+
+/// A vendor API stand-in on 127.0.0.1.
+pub struct Vendor {
+    pub name: String,
+    pub url: String,
+    requests: Arc<Mutex<Vec<Recorded>>>,
+}
+
+#[derive(Clone)]
+struct VendorState {
+    requests: Arc<Mutex<Vec<Recorded>>>,
+    respond: Responder,
+}
+
+async fn record(State(st): State<VendorState>, req: Request) -> Response {
+    let (parts, body) = req.into_parts();
+    let bytes: Bytes = axum::body::to_bytes(body, 4 * 1024 * 1024).await.unwrap_or_default();
+    let rec = Recorded {
+        method: parts.method.to_string(),
+        path: parts.uri.path().to_string(),
+        query: parts.uri.query().map(str::to_string),
+        headers: parts
+            .headers
+            .iter()
+            .map(|(k, v)| (k.as_str().to_string(), v.to_str().unwrap_or("").to_string()))
+            .collect(),
+        body: String::from_utf8_lossy(&bytes).into_owned(),
+    };
+    let (status, body) = (st.respond)(&rec);
+    st.requests.lock().unwrap().push(rec);
+    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    if body.is_null() {
+        status.into_response()
+    } else {
+        (status, axum::Json(body)).into_response()
+    }
+}
+
+impl Vendor {
+    pub async fn start(name: &str, respond: impl Fn(&Recorded) -> (u16, Value) + Send + Sync + 'static) -> Vendor {
+        let requests = Arc::new(Mutex::new(Vec::new()));
+        let state = VendorState { requests: requests.clone(), respond: Arc::new(respond) };
+        let app = axum::Router::new().fallback(record).with_state(state);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Vendor { name: name.into(), url, requests }
+    }
+
+    /// Every request so far, in arrival order.
+    pub fn requests(&self) -> Vec<Recorded> {
+        self.requests.lock().unwrap().clone()
+    }
+}
+
+/// The wall clock plus an offset a test can move forward.
+#[derive(Default)]
+pub struct OffsetClock(pub AtomicI64);
+
+impl OffsetClock {
+    pub fn advance(&self, ms: Millis) {
+        self.0.fetch_add(ms, Ordering::SeqCst);
+    }
+}
+
+impl Clock for OffsetClock {
+    fn now(&self) -> Millis {
+        SystemClock.now() + self.0.load(Ordering::SeqCst)
+    }
+}
+
+pub const OPERATOR_KEY: &str = "test-operator-key-0123456789";
+pub const CONTRIBUTOR_KEY: &str = "test-contributor-key-0123456789";
+
+/// A whole local Riposte in this process.
+pub struct Riposte {
+    pub url: String,
+    pub local: riposte::runtime::Local,
+    pub clock: Arc<OffsetClock>,
+    pub dir: tempfile::TempDir,
+    pub http: reqwest::Client,
+    stop: watch::Sender<bool>,
+}
+
+impl Drop for Riposte {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+    }
+}
+
+impl Riposte {
+    /// Starts with the examples in `infra/` and the given connections YAML and secrets.
+    pub async fn start(connections_yaml: &str, secrets: &[(&str, &str)]) -> Riposte {
+        let dir = tempfile::tempdir().unwrap();
+        let conn_path = dir.path().join("connections.yaml");
+        std::fs::write(&conn_path, connections_yaml).unwrap();
+        let secrets = StaticSecrets(secrets.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<HashMap<_, _>>());
+        let sender = Arc::new(ReqwestSender::new(Arc::new(secrets), EgressPolicy::permissive_for_tests()));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let clock = Arc::new(OffsetClock::default());
+        let local = build(&dir.path().join("riposte.db"), load_connections(&conn_path).unwrap(), url.clone(), sender, clock.clone()).unwrap();
+        seed(&local, &repo().join("infra")).await.unwrap();
+        let keys = ApiKeys::new()
+            .with(OPERATOR_KEY, "olivia", Role::Operator)
+            .with(CONTRIBUTOR_KEY, "carl", Role::Contributor);
+        let app = riposte_api::router(AppState { service: local.service.clone(), auth: Arc::new(keys) });
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        let (stop, stop_rx) = watch::channel(false);
+        tokio::spawn(run_worker(local.store.clone(), local.service.clone(), 16, stop_rx));
+        Riposte { url, local, clock, dir, http: reqwest::Client::new(), stop }
+    }
+
+    pub async fn call(&self, method: &str, path: &str, key: Option<&str>, body: Option<Value>) -> (u16, Value) {
+        let mut req = self.http.request(method.parse().unwrap(), format!("{}{path}", self.url));
+        if let Some(k) = key {
+            req = req.bearer_auth(k);
+        }
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req.send().await.unwrap();
+        let status = resp.status().as_u16();
+        let text = resp.text().await.unwrap();
+        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+    }
+
+    /// Polls a run until `done` says so (at most 10 s).
+    pub async fn wait_run(&self, id: &str, what: &str, done: impl Fn(&Run) -> bool) -> Run {
+        for _ in 0..1000 {
+            if let Some((run, _)) = self.local.store.load_run(id).await.ok().flatten()
+                && done(&run)
+            {
+                return run;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let run = self.local.store.load_run(id).await.ok().flatten().map(|(r, _)| r);
+        panic!("run {id} never became {what}: {}", run.map(|r| riposte::timeline::render(&r)).unwrap_or_default());
+    }
+}

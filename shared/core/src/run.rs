@@ -155,6 +155,9 @@ pub struct Iteration {
     /// While running: when another worker may take over (the first one is presumed lost).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lease_until: Option<Millis>,
+    /// While running: the worker (process) that claimed it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub claimed_by: Option<String>,
     /// While waiting: when the wait, expiry or timeout fires.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wake_at: Option<Millis>,
@@ -176,6 +179,7 @@ impl Iteration {
             started_at: None,
             finished_at: None,
             lease_until: None,
+            claimed_by: None,
             wake_at: None,
             approval: None,
             child_run: None,

@@ -101,6 +101,8 @@ pub struct Config {
     pub public_url: String,
     /// How long rules are cached (0 in one process, where writes invalidate the cache).
     pub rules_cache_ms: Millis,
+    /// This process as a step worker.
+    pub worker: crate::engine::Worker,
 }
 
 /// The ports a service runs over.
@@ -153,7 +155,16 @@ pub fn derived_run_id(alert_id: &str, rule_id: &str, playbook_id: &str) -> Strin
 
 fn outcome_of(result: Result<crate::http::HttpResponse, HttpError>) -> Outcome {
     match result {
-        Ok(r) => Outcome::Done(json!({"status": r.status, "headers": r.headers, "body": r.body})),
+        Ok(r) => {
+            // Response headers are kept for later steps, less any credential (Set-Cookie, tokens).
+            let headers: serde_json::Map<String, Value> = r
+                .headers
+                .into_iter()
+                .filter(|(k, _)| !crate::http::is_sensitive_header(k))
+                .map(|(k, v)| (k, Value::String(v)))
+                .collect();
+            Outcome::Done(json!({"status": r.status, "headers": headers, "body": r.body}))
+        }
         Err(HttpError::Retryable(m)) => Outcome::Failed { message: m, retryable: true },
         Err(HttpError::Terminal(m)) => Outcome::Failed { message: m, retryable: false },
     }
@@ -357,7 +368,7 @@ impl Service {
             return Ok(Handled::Done);
         };
         let pb = self.playbook(&run.playbook_id, run.playbook_version).await?;
-        let engine = Engine::new(&pb);
+        let engine = Engine::with_worker(&pb, self.d.config.worker.clone());
         let now = self.now();
         let mut fx = Effects::default();
 

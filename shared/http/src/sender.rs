@@ -9,14 +9,17 @@
 //! - the whole call, token fetch included, is bounded by `min(connection.timeout_ms,
 //!   request.timeout_ms)` and the response body by `connection.max_response_bytes`;
 //! - error messages name the connection, method, path and status and never contain a secret
-//!   value: every value resolved for the call (and its encoded forms, the Basic credential and the
-//!   OAuth2 access token) is replaced by `[REDACTED]`, and request URLs (which may carry an API
-//!   key) are never quoted.
+//!   value: every value resolved for the call (and its encoded forms, the Basic credential, the
+//!   OAuth2 access token, the AWS secret access key and session token) is replaced by
+//!   `[REDACTED]`, and request URLs (which may carry an API key) are never quoted;
+//! - an `aws_sigv4` request is signed last, over exactly what is sent: method, URL with its query
+//!   (re-encoded in SigV4's canonical form), every header but `User-Agent` (with `Host`), and the
+//!   body bytes.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use async_trait::async_trait;
 use base64::Engine as _;
@@ -29,6 +32,9 @@ use riposte_core::ports::{HttpSender, SecretError, Secrets};
 use tokio::sync::Mutex;
 use url::Url;
 
+use crate::aws::{
+    AwsCredentialSource, EnvAwsCredentials, check_scope_part, encode_query, signature_headers,
+};
 use crate::egress::{EgressPolicy, EgressResolver, find_refusal};
 use crate::redact::{Scrubber, truncate_chars};
 
@@ -59,13 +65,24 @@ const MANAGED_HEADERS: &[&str] = &[
     "proxy-connection",
 ];
 
+/// Headers the SigV4 signature sets: a connection's or request's own are dropped before signing.
+const SIGV4_HEADERS: &[&str] = &[
+    "authorization",
+    "x-amz-date",
+    "x-amz-security-token",
+    "x-amz-content-sha256",
+];
+
 /// Sends [`HttpRequest`]s with reqwest under an [`EgressPolicy`], resolving credentials through
-/// the [`Secrets`] port at call time.
+/// the [`Secrets`] port (and, for `aws_sigv4`, an [`AwsCredentialSource`]) at call time.
 pub struct ReqwestSender {
     client: reqwest::Client,
     secrets: Arc<dyn Secrets>,
     policy: EgressPolicy,
     tokens: Mutex<HashMap<TokenKey, CachedToken>>,
+    aws_credentials: Arc<dyn AwsCredentialSource>,
+    /// Signs as of this time instead of the system clock (tests only).
+    signing_time: Option<SystemTime>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -91,7 +108,8 @@ impl fmt::Debug for ReqwestSender {
 }
 
 impl ReqwestSender {
-    /// Builds the sender and its one HTTP client.
+    /// Builds the sender and its one HTTP client. `aws_sigv4` connections are signed with the
+    /// credentials in the standard AWS environment variables ([`EnvAwsCredentials`]).
     ///
     /// # Panics
     /// When the TLS backend cannot be initialised (see [`ReqwestSender::try_new`]).
@@ -120,7 +138,23 @@ impl ReqwestSender {
             secrets,
             policy,
             tokens: Mutex::new(HashMap::new()),
+            aws_credentials: Arc::new(EnvAwsCredentials),
+            signing_time: None,
         })
+    }
+
+    /// Signs `aws_sigv4` connections with credentials from `source` instead of the environment.
+    pub fn with_aws_credentials(mut self, source: Arc<dyn AwsCredentialSource>) -> Self {
+        self.aws_credentials = source;
+        self
+    }
+
+    /// Signs `aws_sigv4` requests as of `time` instead of the system clock, so that a test can
+    /// check a signature against one computed for a known time. Not for production use: AWS
+    /// refuses a signature more than 5 minutes off its clock.
+    pub fn with_signing_time(mut self, time: SystemTime) -> Self {
+        self.signing_time = Some(time);
+        self
     }
 
     /// The egress policy every request is checked against.
@@ -194,6 +228,19 @@ impl ReqwestSender {
         if !query.is_empty() {
             url.query_pairs_mut().extend_pairs(&query);
         }
+        if let Auth::AwsSigv4 { service, region } = &connection.auth {
+            self.sign_aws(
+                service,
+                region,
+                &label,
+                &method,
+                &mut url,
+                &mut headers,
+                body.as_deref().unwrap_or_default(),
+                scrub,
+            )
+            .await?;
+        }
 
         let mut builder = self.client.request(method, url).headers(headers);
         if let Some(body) = body {
@@ -246,7 +293,8 @@ impl ReqwestSender {
         let terminal = |msg: String| HttpError::Terminal(format!("{label}: {msg}"));
         match &connection.auth {
             Auth::None => Ok(None),
-            Auth::AwsSigv4 { .. } => Err(terminal("aws_sigv4 signing is not available yet".into())),
+            // Signed last, once the URL, headers and body are final (see `sign_aws`).
+            Auth::AwsSigv4 { .. } => Ok(None),
             Auth::Bearer { token } => {
                 let token = self.secret(label, token, scrub).await?;
                 set_header(headers, "Authorization", &format!("Bearer {token}"))
@@ -302,6 +350,90 @@ impl ReqwestSender {
                 Ok(Some((key, token)))
             }
         }
+    }
+
+    /// Signs the finished request with AWS SigV4 and adds the signature's headers (and `Host`, so
+    /// that the host sent is the one signed). The query is re-encoded the way SigV4 canonicalizes
+    /// it, so the query sent is the one signed.
+    #[allow(clippy::too_many_arguments)]
+    async fn sign_aws(
+        &self,
+        service: &str,
+        region: &str,
+        label: &str,
+        method: &Method,
+        url: &mut Url,
+        headers: &mut HeaderMap,
+        body: &[u8],
+        scrub: &mut Scrubber,
+    ) -> Result<(), HttpError> {
+        let terminal = |msg: String| HttpError::Terminal(format!("{label}: {msg}"));
+        check_scope_part("service", service).map_err(terminal)?;
+        check_scope_part("region", region).map_err(terminal)?;
+        let credentials = self.aws_credentials.credentials().await.map_err(|why| {
+            terminal(format!(
+                "AWS credentials are not configured ({why}); aws_sigv4 needs them"
+            ))
+        })?;
+        scrub.add(&credentials.secret_access_key);
+        if let Some(token) = &credentials.session_token {
+            scrub.add(token);
+        }
+        if credentials.access_key_id.is_empty() || credentials.secret_access_key.is_empty() {
+            return Err(terminal(
+                "AWS credentials are not configured (the access key ID or secret access key is \
+                 empty); aws_sigv4 needs them"
+                    .to_owned(),
+            ));
+        }
+
+        let pairs: Vec<(String, String)> = url.query_pairs().into_owned().collect();
+        if pairs.is_empty() {
+            url.set_query(None);
+        } else {
+            url.set_query(Some(&encode_query(&pairs)));
+        }
+
+        for name in SIGV4_HEADERS {
+            headers.remove(*name);
+        }
+        let host = match (url.host_str(), url.port()) {
+            (Some(host), Some(port)) => format!("{host}:{port}"),
+            (Some(host), None) => host.to_owned(),
+            (None, _) => return Err(terminal("the URL has no host".to_owned())),
+        };
+        let host = HeaderValue::from_str(&host)
+            .map_err(|_| terminal("the URL's host is not a valid header value".to_owned()))?;
+        headers.insert(header::HOST, host);
+
+        let mut signed: Vec<(&str, &str)> = Vec::with_capacity(headers.len());
+        for (name, value) in headers.iter() {
+            let value = std::str::from_utf8(value.as_bytes()).map_err(|_| {
+                terminal(format!(
+                    "header {:?} cannot be signed: its value is not UTF-8",
+                    name.as_str()
+                ))
+            })?;
+            signed.push((name.as_str(), value));
+        }
+        let time = self.signing_time.unwrap_or_else(SystemTime::now);
+        let signature = signature_headers(
+            service,
+            region,
+            &credentials,
+            time,
+            method.as_str(),
+            url.as_str(),
+            &signed,
+            body,
+        )
+        .map_err(terminal)?;
+        for added in signature {
+            let (name, mut value) = header_pair(added.name, &added.value).map_err(terminal)?;
+            value.set_sensitive(added.sensitive || is_sensitive_header(added.name));
+            headers.insert(name, value);
+        }
+        Ok(())
     }
 
     /// Resolves one secret and remembers it for scrubbing.

@@ -1,9 +1,6 @@
 //! `riposte`: the local embedded runtime (`serve`) and the operator's tools.
 
-mod cli;
-mod dry;
-mod runtime;
-mod timeline;
+use riposte::{cli, dry, runtime};
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

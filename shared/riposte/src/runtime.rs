@@ -18,6 +18,7 @@ use tokio::sync::{mpsc, watch};
 use riposte_api::{ApiKeys, AppState, Role};
 use riposte_core::approval::Signer;
 use riposte_core::connector::Connections;
+use riposte_core::engine::Worker;
 use riposte_core::model::Millis;
 use riposte_core::playbook;
 use riposte_core::ports::{Clock, HttpSender, IdSource, Secrets};
@@ -76,6 +77,8 @@ pub struct LocalConfig {
 pub struct Local {
     pub service: Arc<Service>,
     pub store: Arc<SqliteStore>,
+    /// Held while the runtime lives: one process per database file.
+    _lock: Option<std::fs::File>,
 }
 
 /// Reads a connections file; a missing file means no connections.
@@ -95,12 +98,26 @@ pub fn build(
     http: Arc<dyn HttpSender>,
     clock: Arc<dyn Clock>,
 ) -> Result<Local> {
+    let mut lock = None;
     let store = Arc::new(if db.as_os_str() == ":memory:" {
         SqliteStore::in_memory(clock.clone())?
     } else {
         if let Some(dir) = db.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         }
+        // The worker takes over claims of any other process at once (see `Worker::exclusive`):
+        // that is only right while no other process uses this database.
+        let lock_path = db.with_extension("lock");
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .with_context(|| format!("opening {}", lock_path.display()))?;
+        if file.try_lock().is_err() {
+            bail!("another riposte process is using {}", db.display());
+        }
+        lock = Some(file);
         SqliteStore::open(db, clock.clone()).with_context(|| format!("opening {}", db.display()))?
     });
     let key = match std::env::var("RIPOSTE_APPROVAL_KEY") {
@@ -115,9 +132,13 @@ pub fn build(
         ids: Arc::new(OsIds),
         signer: Signer::new(&key),
         connections,
-        config: Config { public_url, rules_cache_ms: 0 },
+        config: Config {
+            public_url,
+            rules_cache_ms: 0,
+            worker: Worker { id: OsIds.new_id(), exclusive: true },
+        },
     });
-    Ok(Local { service: Arc::new(service), store })
+    Ok(Local { service: Arc::new(service), store, _lock: lock })
 }
 
 /// Loads infra/playbooks and infra/rules into an empty store (the first start).

@@ -101,9 +101,21 @@ pub enum DecideError {
     NotAllowed(String),
 }
 
+/// Who is claiming steps.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Worker {
+    /// This worker's (process's) id, recorded on each claim.
+    pub id: String,
+    /// True when this worker is the only one that can exist for its store (the local runtime holds
+    /// a lock on its database): a claim held by any other id is from a dead process and is taken
+    /// over at once instead of after its lease.
+    pub exclusive: bool,
+}
+
 /// The engine over one pinned playbook version.
 pub struct Engine<'a> {
     pub playbook: &'a Playbook,
+    pub worker: Worker,
 }
 
 fn set_status(st: &mut StepStatus, to: StepStatus) {
@@ -113,7 +125,11 @@ fn set_status(st: &mut StepStatus, to: StepStatus) {
 
 impl<'a> Engine<'a> {
     pub fn new(playbook: &'a Playbook) -> Engine<'a> {
-        Engine { playbook }
+        Engine { playbook, worker: Worker::default() }
+    }
+
+    pub fn with_worker(playbook: &'a Playbook, worker: Worker) -> Engine<'a> {
+        Engine { playbook, worker }
     }
 
     /// Creates a run and queues its first steps.
@@ -306,7 +322,13 @@ impl<'a> Engine<'a> {
         match it.status {
             StepStatus::Queued => {}
             StepStatus::Running => match it.lease_until {
-                Some(until) if until > now => return Claim::Busy(until),
+                Some(until)
+                    if until > now
+                        && !(self.worker.exclusive
+                            && it.claimed_by.as_deref() != Some(self.worker.id.as_str())) =>
+                {
+                    return Claim::Busy(until);
+                }
                 _ => {
                     run.log(now, Some(&msg.step), Some(msg.iteration), "worker_lost",
                         Some(format!("attempt {} taken over after its lease ended", msg.attempt)));
@@ -380,6 +402,7 @@ impl<'a> Engine<'a> {
         set_status(&mut it.status, StepStatus::Running);
         it.started_at.get_or_insert(now);
         it.lease_until = Some(lease);
+        it.claimed_by = Some(self.worker.id.clone());
         run.steps[si].started_at.get_or_insert(now);
         if run.steps[si].status == StepStatus::Queued {
             set_status(&mut run.steps[si].status, StepStatus::Running);
@@ -586,6 +609,7 @@ impl<'a> Engine<'a> {
                 it.error = None;
                 it.finished_at = Some(now);
                 it.lease_until = None;
+                it.claimed_by = None;
                 it.wake_at = None;
                 run.log(now, Some(step_id), Some(msg.iteration), "succeeded", None);
                 if let StepKind::Set { .. } = step.kind

@@ -74,6 +74,7 @@ pub struct Vendor {
 struct VendorState {
     requests: Arc<Mutex<Vec<Recorded>>>,
     respond: Responder,
+    delay: Duration,
 }
 
 async fn record(State(st): State<VendorState>, req: Request) -> Response {
@@ -92,6 +93,9 @@ async fn record(State(st): State<VendorState>, req: Request) -> Response {
     };
     let (status, body) = (st.respond)(&rec);
     st.requests.lock().unwrap().push(rec);
+    if !st.delay.is_zero() {
+        tokio::time::sleep(st.delay).await;
+    }
     let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     if body.is_null() {
         status.into_response()
@@ -102,8 +106,17 @@ async fn record(State(st): State<VendorState>, req: Request) -> Response {
 
 impl Vendor {
     pub async fn start(name: &str, respond: impl Fn(&Recorded) -> (u16, Value) + Send + Sync + 'static) -> Vendor {
+        Self::start_slow(name, Duration::ZERO, respond).await
+    }
+
+    /// A vendor that takes `delay` to answer each request (after recording it).
+    pub async fn start_slow(
+        name: &str,
+        delay: Duration,
+        respond: impl Fn(&Recorded) -> (u16, Value) + Send + Sync + 'static,
+    ) -> Vendor {
         let requests = Arc::new(Mutex::new(Vec::new()));
-        let state = VendorState { requests: requests.clone(), respond: Arc::new(respond) };
+        let state = VendorState { requests: requests.clone(), respond: Arc::new(respond), delay };
         let app = axum::Router::new().fallback(record).with_state(state);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());

@@ -4,4 +4,5 @@
 pub mod cli;
 pub mod dry;
 pub mod runtime;
+pub mod sandbox;
 pub mod timeline;

@@ -51,6 +51,9 @@ enum Command {
         /// Directory of secret files (one file per secret name); env RIPOSTE_SECRET_NAME also works.
         #[arg(long, env = "RIPOSTE_SECRETS_DIR")]
         secrets_dir: Option<PathBuf>,
+        /// Send every connection's calls to a built-in vendor sandbox (GET /sandbox shows them).
+        #[arg(long)]
+        demo: bool,
     },
     /// Validate playbooks, rules and connections (files or directories; default infra/).
     Validate {
@@ -142,7 +145,7 @@ fn main() -> Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     rt.block_on(async move {
         match cli.command {
-            Command::Serve { db, listen, infra, connections, public_url, allow_private_egress, workers, secrets_dir } => {
+            Command::Serve { db, listen, infra, connections, public_url, allow_private_egress, workers, secrets_dir, demo } => {
                 let connections = connections.unwrap_or_else(|| infra.join("connections.yaml"));
                 runtime::serve(runtime::LocalConfig {
                     db,
@@ -154,6 +157,7 @@ fn main() -> Result<()> {
                     api_keys: std::env::var("RIPOSTE_API_KEYS").ok(),
                     workers,
                     secrets_dir,
+                    demo,
                 })
                 .await
             }

@@ -71,6 +71,8 @@ pub struct LocalConfig {
     pub api_keys: Option<String>,
     pub workers: usize,
     pub secrets_dir: Option<PathBuf>,
+    /// Point every connection at the built-in vendor sandbox (see [`crate::sandbox`]).
+    pub demo: bool,
 }
 
 /// A built local runtime.
@@ -341,19 +343,28 @@ pub fn api_keys(cfg: &LocalConfig) -> Result<ApiKeys> {
 
 /// `riposte serve`: routes and worker until Ctrl-C or SIGTERM.
 pub async fn serve(cfg: LocalConfig) -> Result<()> {
-    let connections = load_connections(&cfg.connections)?;
+    let mut connections = load_connections(&cfg.connections)?;
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
         .with_context(|| format!("listening on {}", cfg.listen))?;
     let addr = listener.local_addr()?;
     let public_url = cfg.public_url.clone().unwrap_or_else(|| format!("http://{addr}"));
+    let mut cfg = cfg;
+    if cfg.demo {
+        connections = crate::sandbox::redirect(&connections, &format!("http://{addr}"));
+        cfg.allow_private_egress = true;
+        println!("demo mode: every connection goes to the sandbox at http://{addr}/sandbox (GET it to read the outbox)");
+    }
     let local = build(&cfg.db, connections, public_url.clone(), sender(&cfg), Arc::new(SystemClock))?;
     let (np, nr) = seed(&local, &cfg.infra).await?;
     if np + nr > 0 {
         tracing::info!(message = "Loaded examples.", playbooks = np, rules = nr, from = %cfg.infra.display());
     }
     let state = AppState { service: local.service.clone(), auth: Arc::new(api_keys(&cfg)?) };
-    let app = riposte_api::router(state);
+    let mut app = riposte_api::router(state);
+    if cfg.demo {
+        app = app.merge(crate::sandbox::Sandbox::new().router());
+    }
     let (stop_tx, stop_rx) = watch::channel(false);
     let worker = tokio::spawn(run_worker(local.store.clone(), local.service.clone(), cfg.workers, stop_rx));
     println!("riposte serving on {public_url} (database {})", cfg.db.display());

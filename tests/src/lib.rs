@@ -21,7 +21,7 @@ use riposte_core::model::Millis;
 use riposte_core::ports::Clock;
 use riposte_core::run::Run;
 use riposte_core::store::Store;
-use riposte_http::{EgressPolicy, ReqwestSender, StaticSecrets};
+use riposte_http::{AwsCredentials, EgressPolicy, ReqwestSender, StaticAwsCredentials, StaticSecrets};
 
 /// The repository root.
 pub fn repo() -> PathBuf {
@@ -174,7 +174,11 @@ impl Riposte {
         let conn_path = dir.path().join("connections.yaml");
         std::fs::write(&conn_path, connections_yaml).unwrap();
         let secrets = StaticSecrets(secrets.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<HashMap<_, _>>());
-        let sender = Arc::new(ReqwestSender::new(Arc::new(secrets), EgressPolicy::permissive_for_tests()));
+        let aws = AwsCredentials::new("AKIDEXAMPLE", "test-aws-secret-key", None);
+        let sender = Arc::new(
+            ReqwestSender::new(Arc::new(secrets), EgressPolicy::permissive_for_tests())
+                .with_aws_credentials(Arc::new(StaticAwsCredentials::new(aws))),
+        );
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let clock = Arc::new(OffsetClock::default());

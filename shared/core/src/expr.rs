@@ -90,6 +90,36 @@ impl Expr {
             .collect()
     }
 
+    /// The `VAR.FIELD == 'literal'` tests joined by `&&` at the top of the expression: when one of
+    /// them is false, so is the whole expression (CEL's `&&` is false if either side is false, even
+    /// when the other errs). Rule matching uses them as an index.
+    pub fn required_equalities(&self, var: &str) -> Vec<(String, String)> {
+        use cel::common::ast::{Expr as Ast, LiteralValue};
+        fn walk(e: &cel::IdedExpr, var: &str, out: &mut Vec<(String, String)>) {
+            let Ast::Call(call) = &e.expr else { return };
+            match (call.func_name.as_str(), call.args.as_slice()) {
+                ("_&&_", [a, b]) => {
+                    walk(a, var, out);
+                    walk(b, var, out);
+                }
+                ("_==_", [a, b]) => {
+                    for (sel, lit) in [(a, b), (b, a)] {
+                        if let (Ast::Select(s), Ast::Literal(LiteralValue::String(v))) = (&sel.expr, &lit.expr)
+                            && !s.test
+                            && matches!(&s.operand.expr, Ast::Ident(name) if name == var)
+                        {
+                            out.push((s.field.clone(), v.inner().to_string()));
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        let mut out = Vec::new();
+        walk(self.program.expression(), var, &mut out);
+        out
+    }
+
     /// Evaluates against `scope` and converts the result to JSON.
     pub fn eval(&self, scope: &Scope) -> Result<Value, EvalError> {
         let err = |message: String| EvalError {
@@ -513,6 +543,17 @@ mod tests {
         let s = scope(json!({"ips": ["198.51.100.1", "203.0.113.9", "198.51.100.1"]}));
         let e = Expr::parse("alert.ips.distinct().join(', ')").unwrap();
         assert_eq!(e.eval(&s).unwrap(), json!("198.51.100.1, 203.0.113.9"));
+    }
+
+    #[test]
+    fn top_level_equalities_are_found() {
+        let e = Expr::parse("alert.source == 'guardduty' && ('High' == alert.severity && alert.title.contains('x')) || false").unwrap();
+        assert!(e.required_equalities("alert").is_empty(), "an || at the top hides them");
+        let e = Expr::parse("alert.source == 'guardduty' && ('High' == alert.severity && alert.title.contains('x'))").unwrap();
+        assert_eq!(
+            e.required_equalities("alert"),
+            vec![("source".to_string(), "guardduty".to_string()), ("severity".to_string(), "High".to_string())]
+        );
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! [`Evaluation`] saying whether it matched and, if not, why.
 
 use std::fmt;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -159,8 +160,8 @@ impl fmt::Display for Verdict {
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct RuleLine {
-    pub rule_id: String,
-    pub name: String,
+    pub rule_id: Arc<str>,
+    pub name: Arc<str>,
     pub verdict: Verdict,
 }
 
@@ -175,7 +176,7 @@ impl Evaluation {
     pub fn runs(&self, rules: &[CompiledRule]) -> Vec<(String, String)> {
         let mut out = Vec::new();
         for line in self.lines.iter().filter(|l| l.verdict == Verdict::Matched) {
-            if let Some(r) = rules.iter().find(|r| r.rule.id == line.rule_id) {
+            if let Some(r) = rules.iter().find(|r| *r.rule.id == *line.rule_id) {
                 out.extend(r.rule.playbooks.iter().map(|p| (r.rule.id.clone(), p.clone())));
             }
         }
@@ -188,39 +189,97 @@ pub fn sort(rules: &mut [CompiledRule]) {
     rules.sort_by(|a, b| (a.rule.order, &a.rule.id).cmp(&(b.rule.order, &b.rule.id)));
 }
 
-/// Evaluates rules (already in [`sort`] order) against an alert.
+/// Evaluates rules (already in [`sort`] order) against an alert, every condition in turn.
 pub fn evaluate(rules: &[CompiledRule], alert: &Alert, now: Millis) -> Evaluation {
-    let alert_json = serde_json::to_value(alert).unwrap_or(Value::Null);
-    let mut scope = Scope::new();
-    scope.set("alert", &alert_json);
-    let mut lines = Vec::with_capacity(rules.len());
-    let mut stopped_by: Option<String> = None;
-    for r in rules {
-        let verdict = if let Some(t) = &stopped_by {
-            Verdict::AfterTerminal(t.clone())
-        } else if r.rule.trigger != alert.kind {
-            Verdict::OtherTrigger
-        } else if !r.rule.enabled {
-            Verdict::Disabled
-        } else if r.expires_at.is_some_and(|e| e <= now) {
-            Verdict::Expired
-        } else {
-            match r.condition.eval_bool(&scope) {
-                Ok(true) => Verdict::Matched,
-                Ok(false) => Verdict::ConditionFalse,
-                Err(e) => Verdict::ConditionError(e.message),
-            }
-        };
-        if verdict == Verdict::Matched && r.rule.terminal {
-            stopped_by = Some(r.rule.id.clone());
-        }
-        lines.push(RuleLine {
-            rule_id: r.rule.id.clone(),
-            name: r.rule.name.clone(),
-            verdict,
-        });
+    RuleSet::new(rules.to_vec()).evaluate_with(alert, now, false)
+}
+
+fn field_value<'a>(alert: &'a Alert, field: &str) -> &'a str {
+    match field {
+        "source" => &alert.source,
+        "type" => &alert.r#type,
+        "kind" => alert.kind.as_str(),
+        "severity" => alert.severity.as_str(),
+        "title" => &alert.title,
+        _ => &alert.id,
     }
-    Evaluation { lines }
+}
+
+/// Rules in evaluation order with an index: a rule whose condition requires
+/// `alert.source == '...'` (or `type`, `kind`, `severity`) of another value is decided false
+/// without evaluating it. The verdicts are exactly those of evaluating every condition.
+#[derive(Clone, Debug)]
+pub struct RuleSet {
+    rules: Vec<CompiledRule>,
+    ids: Vec<(Arc<str>, Arc<str>)>,
+    required: Vec<Vec<(String, String)>>,
+}
+
+impl RuleSet {
+    pub fn new(mut rules: Vec<CompiledRule>) -> RuleSet {
+        sort(&mut rules);
+        let ids = rules.iter().map(|r| (Arc::from(r.rule.id.as_str()), Arc::from(r.rule.name.as_str()))).collect();
+        let required = rules
+            .iter()
+            .map(|r| {
+                r.condition
+                    .required_equalities("alert")
+                    .into_iter()
+                    .filter(|(f, _)| always_present_field(f))
+                    .collect()
+            })
+            .collect();
+        RuleSet { rules, ids, required }
+    }
+
+    pub fn rules(&self) -> &[CompiledRule] {
+        &self.rules
+    }
+
+    pub fn evaluate(&self, alert: &Alert, now: Millis) -> Evaluation {
+        self.evaluate_with(alert, now, true)
+    }
+
+    fn evaluate_with(&self, alert: &Alert, now: Millis, indexed: bool) -> Evaluation {
+        let mut scope: Option<Scope> = None;
+        let mut lines = Vec::with_capacity(self.rules.len());
+        let mut stopped_by: Option<String> = None;
+        for (i, r) in self.rules.iter().enumerate() {
+            let verdict = if let Some(t) = &stopped_by {
+                Verdict::AfterTerminal(t.clone())
+            } else if r.rule.trigger != alert.kind {
+                Verdict::OtherTrigger
+            } else if !r.rule.enabled {
+                Verdict::Disabled
+            } else if r.expires_at.is_some_and(|e| e <= now) {
+                Verdict::Expired
+            } else if indexed && self.required[i].iter().any(|(f, v)| field_value(alert, f) != v) {
+                Verdict::ConditionFalse
+            } else {
+                let scope = scope.get_or_insert_with(|| {
+                    let mut s = Scope::new();
+                    s.set("alert", &serde_json::to_value(alert).unwrap_or(Value::Null));
+                    s
+                });
+                match r.condition.eval_bool(scope) {
+                    Ok(true) => Verdict::Matched,
+                    Ok(false) => Verdict::ConditionFalse,
+                    Err(e) => Verdict::ConditionError(e.message),
+                }
+            };
+            if verdict == Verdict::Matched && r.rule.terminal {
+                stopped_by = Some(r.rule.id.clone());
+            }
+            lines.push(RuleLine { rule_id: self.ids[i].0.clone(), name: self.ids[i].1.clone(), verdict });
+        }
+        Evaluation { lines }
+    }
+}
+
+/// The fields of an alert that are always present, so an equality on them is false (never an
+/// error) when it does not hold.
+fn always_present_field(f: &str) -> bool {
+    matches!(f, "source" | "type" | "kind" | "severity" | "title" | "id")
 }
 
 #[cfg(test)]
@@ -290,7 +349,7 @@ mod tests {
             reco,
         ]);
         let ev = evaluate(&rules, &alert("SQL injection attempt", Severity::High), 1_700_000_000_000);
-        let order: Vec<&str> = ev.lines.iter().map(|l| l.rule_id.as_str()).collect();
+        let order: Vec<&str> = ev.lines.iter().map(|l| &*l.rule_id).collect();
         assert_eq!(order, ["off", "old", "reco", "a-high", "b-high", "sql", "broken"]);
         let verdicts: Vec<String> = ev.lines.iter().map(|l| l.verdict.to_string()).collect();
         assert_eq!(verdicts[..6], ["disabled", "expired", "rule is for the other trigger kind", "matched", "matched", "matched"]);

@@ -21,7 +21,7 @@ use crate::http::{HttpError, HttpRequest};
 use crate::model::{Alert, AlertKind, Millis};
 use crate::playbook::{self, Playbook, PlaybookSpec, Problems, StepKind};
 use crate::ports::{Clock, HttpSender, IdSource};
-use crate::rule::{self, CompiledRule, Rule};
+use crate::rule::{Rule, RuleSet};
 use crate::run::{MessageKind, Run, StepMessage, Trigger};
 use crate::store::{AlertRecord, AuditEntry, EventRecord, Store, StoreError, StoredPlaybook};
 
@@ -140,7 +140,7 @@ pub struct ApprovalView {
 pub struct Service {
     d: Deps,
     playbooks: Mutex<HashMap<(String, u32), Arc<Playbook>>>,
-    rules: Mutex<Option<(Millis, Arc<Vec<CompiledRule>>)>>,
+    rules: Mutex<Option<(Millis, Arc<RuleSet>)>>,
 }
 
 /// The run id for (alert, rule, playbook): the same on every redelivery of the event.
@@ -214,8 +214,8 @@ impl Service {
         self.playbook(id, stored.version).await
     }
 
-    /// The enabled and disabled rules, compiled and in evaluation order.
-    async fn rules(&self) -> Result<Arc<Vec<CompiledRule>>, Error> {
+    /// The enabled and disabled rules, compiled, indexed and in evaluation order.
+    async fn rules(&self) -> Result<Arc<RuleSet>, Error> {
         let now = self.now();
         if let Some((at, rules)) = self.rules.lock().map_err(|_| poisoned())?.as_ref()
             && (self.d.config.rules_cache_ms == 0 || now - at < self.d.config.rules_cache_ms)
@@ -230,8 +230,7 @@ impl Service {
                 Err(p) => tracing::warn!(message = "Stored rule does not compile; skipped.", rule = %id, problems = %p),
             }
         }
-        rule::sort(&mut compiled);
-        let rules = Arc::new(compiled);
+        let rules = Arc::new(RuleSet::new(compiled));
         *self.rules.lock().map_err(|_| poisoned())? = Some((now, rules.clone()));
         Ok(rules)
     }
@@ -271,15 +270,15 @@ impl Service {
 
     async fn ingest_alert(
         &self,
-        rules: &[CompiledRule],
+        rules: &RuleSet,
         event_id: &str,
         alert: Alert,
         now: Millis,
     ) -> Result<AlertRecord, Error> {
-        let evaluation = rule::evaluate(rules, &alert, now);
+        let evaluation = rules.evaluate(&alert, now);
         let input = serde_json::to_value(&alert).unwrap_or(Value::Null);
         let mut runs = Vec::new();
-        for (rule_id, playbook_id) in evaluation.runs(rules) {
+        for (rule_id, playbook_id) in evaluation.runs(rules.rules()) {
             let pb = match self.latest_playbook(&playbook_id).await {
                 Ok(pb) => pb,
                 Err(e) => {

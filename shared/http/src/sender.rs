@@ -13,7 +13,8 @@
 //!   OAuth2 access token, the AWS secret access key and session token) is replaced by
 //!   `[REDACTED]`, and request URLs (which may carry an API key) are never quoted;
 //! - an `aws_sigv4` request is signed last, over exactly what is sent: method, URL with its query
-//!   (re-encoded in SigV4's canonical form), every header but `User-Agent` (with `Host`), and the
+//!   (re-encoded in SigV4's canonical form), `Host` and every header the connection and request
+//!   set (the client's own `User-Agent`, `Accept` and `Content-Length` are left unsigned), and the
 //!   body bytes.
 
 use std::collections::{BTreeMap, HashMap};

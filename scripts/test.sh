@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Every test Riposte has: formatting, lints, docs, unit, property and end-to-end tests.
+# Needs only the Rust toolchain (cargo with rustfmt and clippy); the end-to-end tests start their
+# own servers on 127.0.0.1 and the `riposte` binary built below.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n== %s\n' "$*"; }
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+step "build (the crash test runs the real binary)"
+cargo build --workspace --bins --locked
+step "clippy"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+step "docs"
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked --quiet
+step "tests"
+cargo test --workspace --locked

@@ -21,7 +21,9 @@ use riposte_core::model::Millis;
 use riposte_core::ports::Clock;
 use riposte_core::run::Run;
 use riposte_core::store::Store;
-use riposte_http::{AwsCredentials, EgressPolicy, ReqwestSender, StaticAwsCredentials, StaticSecrets};
+use riposte_http::{
+    AwsCredentials, EgressPolicy, ReqwestSender, StaticAwsCredentials, StaticSecrets,
+};
 
 /// The repository root.
 pub fn repo() -> PathBuf {
@@ -47,16 +49,27 @@ pub struct Recorded {
 
 impl Recorded {
     pub fn json(&self) -> Value {
-        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("{} {}: body is not JSON ({e}): {}", self.method, self.path, self.body))
+        serde_json::from_str(&self.body).unwrap_or_else(|e| {
+            panic!(
+                "{} {}: body is not JSON ({e}): {}",
+                self.method, self.path, self.body
+            )
+        })
     }
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.get(&name.to_ascii_lowercase()).map(String::as_str)
+        self.headers
+            .get(&name.to_ascii_lowercase())
+            .map(String::as_str)
     }
     pub fn form(&self) -> BTreeMap<String, String> {
-        url::form_urlencoded::parse(self.body.as_bytes()).into_owned().collect()
+        url::form_urlencoded::parse(self.body.as_bytes())
+            .into_owned()
+            .collect()
     }
     pub fn query_pairs(&self) -> Vec<(String, String)> {
-        url::form_urlencoded::parse(self.query.as_deref().unwrap_or("").as_bytes()).into_owned().collect()
+        url::form_urlencoded::parse(self.query.as_deref().unwrap_or("").as_bytes())
+            .into_owned()
+            .collect()
     }
 }
 
@@ -79,7 +92,9 @@ struct VendorState {
 
 async fn record(State(st): State<VendorState>, req: Request) -> Response {
     let (parts, body) = req.into_parts();
-    let bytes: Bytes = axum::body::to_bytes(body, 4 * 1024 * 1024).await.unwrap_or_default();
+    let bytes: Bytes = axum::body::to_bytes(body, 4 * 1024 * 1024)
+        .await
+        .unwrap_or_default();
     let rec = Recorded {
         method: parts.method.to_string(),
         path: parts.uri.path().to_string(),
@@ -105,7 +120,10 @@ async fn record(State(st): State<VendorState>, req: Request) -> Response {
 }
 
 impl Vendor {
-    pub async fn start(name: &str, respond: impl Fn(&Recorded) -> (u16, Value) + Send + Sync + 'static) -> Vendor {
+    pub async fn start(
+        name: &str,
+        respond: impl Fn(&Recorded) -> (u16, Value) + Send + Sync + 'static,
+    ) -> Vendor {
         Self::start_slow(name, Duration::ZERO, respond).await
     }
 
@@ -116,14 +134,22 @@ impl Vendor {
         respond: impl Fn(&Recorded) -> (u16, Value) + Send + Sync + 'static,
     ) -> Vendor {
         let requests = Arc::new(Mutex::new(Vec::new()));
-        let state = VendorState { requests: requests.clone(), respond: Arc::new(respond), delay };
+        let state = VendorState {
+            requests: requests.clone(),
+            respond: Arc::new(respond),
+            delay,
+        };
         let app = axum::Router::new().fallback(record).with_state(state);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
         });
-        Vendor { name: name.into(), url, requests }
+        Vendor {
+            name: name.into(),
+            url,
+            requests,
+        }
     }
 
     /// Every request so far, in arrival order.
@@ -173,7 +199,12 @@ impl Riposte {
         let dir = tempfile::tempdir().unwrap();
         let conn_path = dir.path().join("connections.yaml");
         std::fs::write(&conn_path, connections_yaml).unwrap();
-        let secrets = StaticSecrets(secrets.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<HashMap<_, _>>());
+        let secrets = StaticSecrets(
+            secrets
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect::<HashMap<_, _>>(),
+        );
         let aws = AwsCredentials::new("AKIDEXAMPLE", "test-aws-secret-key", None);
         let sender = Arc::new(
             ReqwestSender::new(Arc::new(secrets), EgressPolicy::permissive_for_tests())
@@ -182,22 +213,52 @@ impl Riposte {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let clock = Arc::new(OffsetClock::default());
-        let local = build(&dir.path().join("riposte.db"), load_connections(&conn_path).unwrap(), url.clone(), sender, clock.clone()).unwrap();
+        let local = build(
+            &dir.path().join("riposte.db"),
+            load_connections(&conn_path).unwrap(),
+            url.clone(),
+            sender,
+            clock.clone(),
+        )
+        .unwrap();
         seed(&local, &repo().join("infra")).await.unwrap();
         let keys = ApiKeys::new()
             .with(OPERATOR_KEY, "olivia", Role::Operator)
             .with(CONTRIBUTOR_KEY, "carl", Role::Contributor);
-        let app = riposte_api::router(AppState { service: local.service.clone(), auth: Arc::new(keys) });
+        let app = riposte_api::router(AppState {
+            service: local.service.clone(),
+            auth: Arc::new(keys),
+        });
         tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
         });
         let (stop, stop_rx) = watch::channel(false);
-        tokio::spawn(run_worker(local.store.clone(), local.service.clone(), 16, stop_rx));
-        Riposte { url, local, clock, dir, http: reqwest::Client::new(), stop }
+        tokio::spawn(run_worker(
+            local.store.clone(),
+            local.service.clone(),
+            16,
+            stop_rx,
+        ));
+        Riposte {
+            url,
+            local,
+            clock,
+            dir,
+            http: reqwest::Client::new(),
+            stop,
+        }
     }
 
-    pub async fn call(&self, method: &str, path: &str, key: Option<&str>, body: Option<Value>) -> (u16, Value) {
-        let mut req = self.http.request(method.parse().unwrap(), format!("{}{path}", self.url));
+    pub async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        key: Option<&str>,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        let mut req = self
+            .http
+            .request(method.parse().unwrap(), format!("{}{path}", self.url));
         if let Some(k) = key {
             req = req.bearer_auth(k);
         }
@@ -207,7 +268,10 @@ impl Riposte {
         let resp = req.send().await.unwrap();
         let status = resp.status().as_u16();
         let text = resp.text().await.unwrap();
-        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
     }
 
     /// Polls a run until `done` says so (at most 10 s).
@@ -220,7 +284,18 @@ impl Riposte {
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        let run = self.local.store.load_run(id).await.ok().flatten().map(|(r, _)| r);
-        panic!("run {id} never became {what}: {}", run.map(|r| riposte::timeline::render(&r)).unwrap_or_default());
+        let run = self
+            .local
+            .store
+            .load_run(id)
+            .await
+            .ok()
+            .flatten()
+            .map(|(r, _)| r);
+        panic!(
+            "run {id} never became {what}: {}",
+            run.map(|r| riposte::timeline::render(&r))
+                .unwrap_or_default()
+        );
     }
 }

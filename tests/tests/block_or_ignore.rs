@@ -101,7 +101,11 @@ mod base64_lite {
         const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
         let mut out = String::new();
         for chunk in input.chunks(3) {
-            let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+            let b = [
+                chunk[0],
+                *chunk.get(1).unwrap_or(&0),
+                *chunk.get(2).unwrap_or(&0),
+            ];
             let n = (b[0] as u32) << 16 | (b[1] as u32) << 8 | b[2] as u32;
             for i in 0..4 {
                 if i <= chunk.len() {
@@ -117,17 +121,36 @@ mod base64_lite {
 
 /// Sends the canonical GuardDuty event and waits for the run to wait on the admins.
 async fn start(r: &Riposte) -> String {
-    let (status, out) = r.call("POST", "/events", Some(OPERATOR_KEY), Some(event("guardduty-malicious-ip-caller.json"))).await;
+    let (status, out) = r
+        .call(
+            "POST",
+            "/events",
+            Some(OPERATOR_KEY),
+            Some(event("guardduty-malicious-ip-caller.json")),
+        )
+        .await;
     assert_eq!(status, 202, "{out}");
     let alert = &out["alerts"][0];
     let lines = alert["evaluation"]["lines"].as_array().unwrap();
-    let verdict = |id: &str| lines.iter().find(|l| l["rule_id"] == id).map(|l| l["verdict"]["outcome"].clone());
+    let verdict = |id: &str| {
+        lines
+            .iter()
+            .find(|l| l["rule_id"] == id)
+            .map(|l| l["verdict"]["outcome"].clone())
+    };
     assert_eq!(verdict("guardduty-high-remote-ip"), Some(json!("matched")));
-    assert_eq!(verdict("recommendation-ticket"), Some(json!("other_trigger")), "each other rule says why it did not match");
+    assert_eq!(
+        verdict("recommendation-ticket"),
+        Some(json!("other_trigger")),
+        "each other rule says why it did not match"
+    );
     let runs = alert["runs"].as_array().unwrap();
     assert_eq!(runs.len(), 1);
     let id = runs[0].as_str().unwrap().to_string();
-    r.wait_run(&id, "waiting for the admins", |run| run.status == RunStatus::Waiting && run.step("tell_soc").unwrap().status.is_terminal()).await;
+    r.wait_run(&id, "waiting for the admins", |run| {
+        run.status == RunStatus::Waiting && run.step("tell_soc").unwrap().status.is_terminal()
+    })
+    .await;
     id
 }
 
@@ -136,11 +159,20 @@ fn check_notifications(v: &Vendors, r: &Riposte, run_id: &str) -> (String, Strin
     let sn = v.servicenow.requests();
     assert_eq!(sn.len(), 1);
     let open = &sn[0];
-    assert_eq!((open.method.as_str(), open.path.as_str()), ("POST", "/api/now/table/incident"));
-    assert_eq!(open.header("authorization"), Some(basic("riposte", "sn-test-password").as_str()));
+    assert_eq!(
+        (open.method.as_str(), open.path.as_str()),
+        ("POST", "/api/now/table/incident")
+    );
+    assert_eq!(
+        open.header("authorization"),
+        Some(basic("riposte", "sn-test-password").as_str())
+    );
     assert_eq!(open.header("accept"), Some("application/json"));
     assert_eq!(open.header("content-type"), Some("application/json"));
-    assert_eq!(open.header("idempotency-key"), Some(format!("{run_id}:open_ticket:0").as_str()));
+    assert_eq!(
+        open.header("idempotency-key"),
+        Some(format!("{run_id}:open_ticket:0").as_str())
+    );
     let ev = event("guardduty-malicious-ip-caller.json");
     assert_eq!(
         open.json(),
@@ -157,11 +189,17 @@ fn check_notifications(v: &Vendors, r: &Riposte, run_id: &str) -> (String, Strin
     let slack = v.slack.requests();
     assert_eq!(slack.len(), 2, "one post to tell the SOC, one to ask");
     for s in &slack {
-        assert_eq!((s.method.as_str(), s.path.as_str()), ("POST", "/api/chat.postMessage"));
+        assert_eq!(
+            (s.method.as_str(), s.path.as_str()),
+            ("POST", "/api/chat.postMessage")
+        );
         assert_eq!(s.header("authorization"), Some("Bearer slack-test-token"));
         assert_eq!(s.header("content-type"), Some("application/json"));
     }
-    let tell = slack.iter().find(|s| s.json().get("blocks").is_none()).unwrap();
+    let tell = slack
+        .iter()
+        .find(|s| s.json().get("blocks").is_none())
+        .unwrap();
     assert_eq!(
         tell.json(),
         json!({"channel": "#soc-alerts", "text": format!("High GuardDuty finding: {TITLE}. Incident INC0010042 opened; admins asked to block or ignore.")})
@@ -169,8 +207,14 @@ fn check_notifications(v: &Vendors, r: &Riposte, run_id: &str) -> (String, Strin
 
     let mail = v.sendgrid.requests();
     assert_eq!(mail.len(), 1);
-    assert_eq!((mail[0].method.as_str(), mail[0].path.as_str()), ("POST", "/v3/mail/send"));
-    assert_eq!(mail[0].header("authorization"), Some("Bearer sendgrid-test-key"));
+    assert_eq!(
+        (mail[0].method.as_str(), mail[0].path.as_str()),
+        ("POST", "/v3/mail/send")
+    );
+    assert_eq!(
+        mail[0].header("authorization"),
+        Some("Bearer sendgrid-test-key")
+    );
     let body = mail[0].json();
     let text = body["content"][0]["value"].as_str().unwrap().to_string();
     let link = |label: &str| {
@@ -180,7 +224,10 @@ fn check_notifications(v: &Vendors, r: &Riposte, run_id: &str) -> (String, Strin
             .to_string()
     };
     let (block, ignore) = (link("Block"), link("Ignore"));
-    assert!(block.starts_with(&format!("{}/approvals/", r.url)) && ignore.starts_with(&format!("{}/approvals/", r.url)));
+    assert!(
+        block.starts_with(&format!("{}/approvals/", r.url))
+            && ignore.starts_with(&format!("{}/approvals/", r.url))
+    );
     assert_ne!(block, ignore);
     assert_eq!(
         body,
@@ -193,7 +240,11 @@ fn check_notifications(v: &Vendors, r: &Riposte, run_id: &str) -> (String, Strin
             )}]
         })
     );
-    let ask = slack.iter().find(|s| s.json().get("blocks").is_some()).unwrap().json();
+    let ask = slack
+        .iter()
+        .find(|s| s.json().get("blocks").is_some())
+        .unwrap()
+        .json();
     assert_eq!(ask["blocks"][1]["elements"][0]["url"], json!(block));
     assert_eq!(ask["blocks"][1]["elements"][1]["url"], json!(ignore));
     (block, ignore)
@@ -224,17 +275,27 @@ async fn block_blocks_the_remote_ip_disables_the_user_and_resolves_the_ticket() 
     let page = r.http.get(&block).send().await.unwrap();
     assert_eq!(page.status().as_u16(), 200);
     let html = page.text().await.unwrap();
-    assert!(html.contains("Confirm: block") && html.contains("<form method=\"post\">"), "{html}");
+    assert!(
+        html.contains("Confirm: block") && html.contains("<form method=\"post\">"),
+        "{html}"
+    );
     assert!(html.contains("Block 198.51.100.23 on the firewall and disable alice?"));
     let run = r.wait_run(&run_id, "still waiting", |_| true).await;
-    assert_eq!(run.step("ask_admins").unwrap().status, StepStatus::Waiting, "GET never decides");
+    assert_eq!(
+        run.step("ask_admins").unwrap().status,
+        StepStatus::Waiting,
+        "GET never decides"
+    );
 
     // A forged link, and a name who is not an approver, are refused.
     let mut forged = block.clone();
     forged.pop();
     forged.push(if block.ends_with('A') { 'B' } else { 'A' });
     assert_eq!(post_link(&r, &forged, None).await.0, 403);
-    assert_eq!(post_link(&r, &block, Some("mallory@example.com")).await.0, 403);
+    assert_eq!(
+        post_link(&r, &block, Some("mallory@example.com")).await.0,
+        403
+    );
 
     let (status, html) = post_link(&r, &block, Some("netadmin@example.com")).await;
     assert_eq!(status, 200, "{html}");
@@ -242,16 +303,34 @@ async fn block_blocks_the_remote_ip_disables_the_user_and_resolves_the_ticket() 
     let (status, html) = post_link(&r, &ignore, None).await;
     assert_eq!(status, 409, "a second answer is refused: {html}");
     assert!(html.contains("already answered"));
-    assert_eq!(post_link(&r, &block, None).await.0, 409, "a link is single-use");
+    assert_eq!(
+        post_link(&r, &block, None).await.0,
+        409,
+        "a link is single-use"
+    );
 
-    let run = r.wait_run(&run_id, "succeeded", |run| run.status.is_terminal()).await;
-    assert_eq!(run.status, RunStatus::Succeeded, "{}", riposte::timeline::render(&run));
+    let run = r
+        .wait_run(&run_id, "succeeded", |run| run.status.is_terminal())
+        .await;
+    assert_eq!(
+        run.status,
+        RunStatus::Succeeded,
+        "{}",
+        riposte::timeline::render(&run)
+    );
 
     let fw = only(v.panos.requests(), 1, "PAN-OS");
-    assert_eq!((fw[0].method.as_str(), fw[0].path.as_str()), ("POST", "/restapi/v10.2/Objects/Addresses"));
+    assert_eq!(
+        (fw[0].method.as_str(), fw[0].path.as_str()),
+        ("POST", "/restapi/v10.2/Objects/Addresses")
+    );
     assert_eq!(
         fw[0].query_pairs(),
-        vec![("location".into(), "vsys".into()), ("vsys".into(), "vsys1".into()), ("name".into(), "riposte-198.51.100.23".into())]
+        vec![
+            ("location".into(), "vsys".into()),
+            ("vsys".into(), "vsys1".into()),
+            ("name".into(), "riposte-198.51.100.23".into())
+        ]
     );
     assert_eq!(fw[0].header("x-pan-key"), Some("panos-test-key"));
     assert_eq!(
@@ -260,26 +339,69 @@ async fn block_blocks_the_remote_ip_disables_the_user_and_resolves_the_ticket() 
     );
 
     let entra = only(v.entra.requests(), 2, "Entra token + PATCH");
-    assert_eq!((entra[0].method.as_str(), entra[0].path.as_str()), ("POST", "/00000000-0000-0000-0000-000000000000/oauth2/v2.0/token"));
-    assert_eq!(entra[0].header("content-type"), Some("application/x-www-form-urlencoded"));
+    assert_eq!(
+        (entra[0].method.as_str(), entra[0].path.as_str()),
+        (
+            "POST",
+            "/00000000-0000-0000-0000-000000000000/oauth2/v2.0/token"
+        )
+    );
+    assert_eq!(
+        entra[0].header("content-type"),
+        Some("application/x-www-form-urlencoded")
+    );
     let form = entra[0].form();
-    assert_eq!(form.get("grant_type").map(String::as_str), Some("client_credentials"));
-    assert_eq!(form.get("client_id").map(String::as_str), Some("11111111-1111-1111-1111-111111111111"));
-    assert_eq!(form.get("client_secret").map(String::as_str), Some("entra-test-secret"));
-    assert_eq!(form.get("scope").map(String::as_str), Some("https://graph.microsoft.com/.default"));
-    assert_eq!((entra[1].method.as_str(), entra[1].path.as_str()), ("PATCH", "/v1.0/users/alice%40example.com"));
-    assert_eq!(entra[1].header("authorization"), Some("Bearer entra-access-token-1"));
+    assert_eq!(
+        form.get("grant_type").map(String::as_str),
+        Some("client_credentials")
+    );
+    assert_eq!(
+        form.get("client_id").map(String::as_str),
+        Some("11111111-1111-1111-1111-111111111111")
+    );
+    assert_eq!(
+        form.get("client_secret").map(String::as_str),
+        Some("entra-test-secret")
+    );
+    assert_eq!(
+        form.get("scope").map(String::as_str),
+        Some("https://graph.microsoft.com/.default")
+    );
+    assert_eq!(
+        (entra[1].method.as_str(), entra[1].path.as_str()),
+        ("PATCH", "/v1.0/users/alice%40example.com")
+    );
+    assert_eq!(
+        entra[1].header("authorization"),
+        Some("Bearer entra-access-token-1")
+    );
     assert_eq!(entra[1].json(), json!({"accountEnabled": false}));
 
     let sn = only(v.servicenow.requests(), 2, "ServiceNow open + resolve");
-    assert_eq!((sn[1].method.as_str(), sn[1].path.as_str()), ("PATCH", format!("/api/now/table/incident/{SYS_ID}").as_str()));
+    assert_eq!(
+        (sn[1].method.as_str(), sn[1].path.as_str()),
+        (
+            "PATCH",
+            format!("/api/now/table/incident/{SYS_ID}").as_str()
+        )
+    );
     assert_eq!(
         sn[1].json(),
         json!({"state": "6", "close_code": "Solved (Permanently)", "close_notes": "Blocked 198.51.100.23 and disabled alice; approved by netadmin@example.com."})
     );
-    only(v.securityhub.requests(), 0, "Security Hub is not touched on Block");
-    assert_eq!(run.step("suppress_finding").unwrap().status, StepStatus::Skipped);
-    assert_eq!(run.step("close_ticket").unwrap().status, StepStatus::Skipped);
+    only(
+        v.securityhub.requests(),
+        0,
+        "Security Hub is not touched on Block",
+    );
+    assert_eq!(
+        run.step("suppress_finding").unwrap().status,
+        StepStatus::Skipped
+    );
+    assert_eq!(
+        run.step("close_ticket").unwrap().status,
+        StepStatus::Skipped
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -291,12 +413,29 @@ async fn ignore_suppresses_the_finding_and_closes_the_ticket() {
     let (status, html) = post_link(&r, &ignore, Some("secadmin@example.com")).await;
     assert_eq!(status, 200, "{html}");
     assert_eq!(post_link(&r, &block, None).await.0, 409);
-    let run = r.wait_run(&run_id, "finished", |run| run.status.is_terminal()).await;
-    assert_eq!(run.status, RunStatus::Succeeded, "{}", riposte::timeline::render(&run));
+    let run = r
+        .wait_run(&run_id, "finished", |run| run.status.is_terminal())
+        .await;
+    assert_eq!(
+        run.status,
+        RunStatus::Succeeded,
+        "{}",
+        riposte::timeline::render(&run)
+    );
 
     let sh = only(v.securityhub.requests(), 1, "Security Hub");
-    assert_eq!((sh[0].method.as_str(), sh[0].path.as_str()), ("POST", "/findings/batchupdate"));
-    assert!(sh[0].header("authorization").unwrap().starts_with("AWS4-HMAC-SHA256 Credential="), "{:?}", sh[0].headers);
+    assert_eq!(
+        (sh[0].method.as_str(), sh[0].path.as_str()),
+        ("POST", "/findings/batchupdate")
+    );
+    assert!(
+        sh[0]
+            .header("authorization")
+            .unwrap()
+            .starts_with("AWS4-HMAC-SHA256 Credential="),
+        "{:?}",
+        sh[0].headers
+    );
     let arn = event("guardduty-malicious-ip-caller.json")["detail"]["arn"].clone();
     assert_eq!(
         sh[0].json(),
@@ -308,7 +447,10 @@ async fn ignore_suppresses_the_finding_and_closes_the_ticket() {
     );
     let sn = only(v.servicenow.requests(), 2, "ServiceNow open + close");
     assert_eq!(sn[1].method, "PATCH");
-    assert_eq!(sn[1].json(), json!({"state": "7", "close_code": "Closed/Resolved by Caller", "close_notes": "Ignored by secadmin@example.com."}));
+    assert_eq!(
+        sn[1].json(),
+        json!({"state": "7", "close_code": "Closed/Resolved by Caller", "close_notes": "Ignored by secadmin@example.com."})
+    );
     only(v.panos.requests(), 0, "no firewall change on Ignore");
     only(v.entra.requests(), 0, "no user change on Ignore");
 }
@@ -320,10 +462,20 @@ async fn with_no_answer_the_default_ignore_is_taken_at_expiry() {
     let run_id = start(&r).await;
     let (block, _) = check_notifications(&v, &r, &run_id);
     r.clock.advance(4 * 3_600_000 + 1_000);
-    let run = r.wait_run(&run_id, "finished", |run| run.status.is_terminal()).await;
-    assert_eq!(run.status, RunStatus::Succeeded, "{}", riposte::timeline::render(&run));
+    let run = r
+        .wait_run(&run_id, "finished", |run| run.status.is_terminal())
+        .await;
+    assert_eq!(
+        run.status,
+        RunStatus::Succeeded,
+        "{}",
+        riposte::timeline::render(&run)
+    );
     let out = run.step("ask_admins").unwrap().output.clone().unwrap();
-    assert_eq!((out["choice"].clone(), out["expired"].clone()), (json!("ignore"), json!(true)));
+    assert_eq!(
+        (out["choice"].clone(), out["expired"].clone()),
+        (json!("ignore"), json!(true))
+    );
     let sn = only(v.servicenow.requests(), 2, "ServiceNow open + close");
     assert_eq!(sn[1].json()["close_notes"], json!("Ignored by expiry."));
     only(v.securityhub.requests(), 1, "Security Hub suppressed");
@@ -337,7 +489,14 @@ async fn the_same_event_delivered_twice_starts_one_run() {
     let v = vendors().await;
     let r = Riposte::start(&connections(&v), SECRETS).await;
     let first = start(&r).await;
-    let (status, out) = r.call("POST", "/events", Some(OPERATOR_KEY), Some(event("guardduty-malicious-ip-caller.json"))).await;
+    let (status, out) = r
+        .call(
+            "POST",
+            "/events",
+            Some(OPERATOR_KEY),
+            Some(event("guardduty-malicious-ip-caller.json")),
+        )
+        .await;
     assert_eq!(status, 202);
     assert_eq!(out["alerts"][0]["runs"], json!([first]));
     let (_, runs) = r.call("GET", "/runs", Some(OPERATOR_KEY), None).await;
@@ -352,19 +511,51 @@ async fn a_run_keeps_the_playbook_version_it_started_with() {
     let r = Riposte::start(&connections(&v), SECRETS).await;
     let run_id = start(&r).await;
     let (_, ignore) = check_notifications(&v, &r, &run_id);
-    let (status, mut pb) = r.call("GET", "/playbooks/block-or-ignore-malicious-ip", Some(OPERATOR_KEY), None).await;
+    let (status, mut pb) = r
+        .call(
+            "GET",
+            "/playbooks/block-or-ignore-malicious-ip",
+            Some(OPERATOR_KEY),
+            None,
+        )
+        .await;
     assert_eq!(status, 200);
     assert_eq!(pb["version"], 1);
     let steps = pb["spec"]["steps"].as_array_mut().unwrap();
-    let close = steps.iter_mut().find(|s| s["id"] == "close_ticket").unwrap();
+    let close = steps
+        .iter_mut()
+        .find(|s| s["id"] == "close_ticket")
+        .unwrap();
     close["with"]["json"]["close_notes"] = json!("CHANGED");
-    let (status, out) = r.call("PUT", "/playbooks/block-or-ignore-malicious-ip", Some(CONTRIBUTOR_KEY), Some(pb["spec"].clone())).await;
+    let (status, out) = r
+        .call(
+            "PUT",
+            "/playbooks/block-or-ignore-malicious-ip",
+            Some(CONTRIBUTOR_KEY),
+            Some(pb["spec"].clone()),
+        )
+        .await;
     assert_eq!(status, 200, "{out}");
     assert_eq!(out["version"], 2);
     assert_eq!(post_link(&r, &ignore, None).await.0, 200);
-    let run = r.wait_run(&run_id, "finished", |run| run.status.is_terminal()).await;
+    let run = r
+        .wait_run(&run_id, "finished", |run| run.status.is_terminal())
+        .await;
     assert_eq!(run.playbook_version, 1);
-    assert_eq!(v.servicenow.requests()[1].json()["close_notes"], json!("Ignored by approval link."), "the pinned v1 text");
+    assert_eq!(
+        v.servicenow.requests()[1].json()["close_notes"],
+        json!("Ignored by approval link."),
+        "the pinned v1 text"
+    );
     let (_, audit) = r.call("GET", "/audit", Some(CONTRIBUTOR_KEY), None).await;
-    assert!(audit.as_array().unwrap().iter().any(|a| a["action"] == "playbook.put" && a["by"] == "carl" && a["detail"] == "version 2"), "{audit}");
+    assert!(
+        audit
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|a| a["action"] == "playbook.put"
+                && a["by"] == "carl"
+                && a["detail"] == "version 2"),
+        "{audit}"
+    );
 }

@@ -16,7 +16,11 @@ use riposte_tests::{OPERATOR_KEY, Vendor};
 fn riposte_bin() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     let bin = exe.parent().and_then(Path::parent).unwrap().join("riposte");
-    assert!(bin.exists(), "{} is missing: build it first (`cargo build -p riposte`; the README's test command does)", bin.display());
+    assert!(
+        bin.exists(),
+        "{} is missing: build it first (`cargo build -p riposte`; the README's test command does)",
+        bin.display()
+    );
     bin
 }
 
@@ -60,7 +64,10 @@ impl Server {
             .args(["--listen", &format!("127.0.0.1:{port}"), "--infra"])
             .arg(dir.join("infra"))
             .args(["--allow-private-egress", "--workers", "16"])
-            .env("RIPOSTE_API_KEYS", format!("{OPERATOR_KEY}:olivia:operator"))
+            .env(
+                "RIPOSTE_API_KEYS",
+                format!("{OPERATOR_KEY}:olivia:operator"),
+            )
             .env("RIPOSTE_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -85,7 +92,12 @@ impl Drop for Server {
 
 async fn ready(http: &reqwest::Client, url: &str) {
     for _ in 0..500 {
-        if http.get(format!("{url}/healthz")).send().await.is_ok_and(|r| r.status().is_success()) {
+        if http
+            .get(format!("{url}/healthz"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status().is_success())
+        {
             return;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -96,7 +108,12 @@ async fn ready(http: &reqwest::Client, url: &str) {
 async fn runs(http: &reqwest::Client, url: &str, ids: &[String]) -> Vec<Run> {
     let mut out = Vec::new();
     for id in ids {
-        let r = http.get(format!("{url}/runs/{id}")).bearer_auth(OPERATOR_KEY).send().await.unwrap();
+        let r = http
+            .get(format!("{url}/runs/{id}"))
+            .bearer_auth(OPERATOR_KEY)
+            .send()
+            .await
+            .unwrap();
         out.push(r.json().await.unwrap());
     }
     out
@@ -105,13 +122,19 @@ async fn runs(http: &reqwest::Client, url: &str, ids: &[String]) -> Vec<Run> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_mid_run_it_finishes_every_run_once_restarted() {
     // A slow vendor keeps calls in flight when the kills land.
-    let counter = Vendor::start_slow("counter", Duration::from_millis(25), |_| (200, json!({"ok": true}))).await;
+    let counter = Vendor::start_slow("counter", Duration::from_millis(25), |_| {
+        (200, json!({"ok": true}))
+    })
+    .await;
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(dir.path().join("infra/playbooks")).unwrap();
     std::fs::write(dir.path().join("infra/playbooks/chain.yaml"), PLAYBOOK).unwrap();
     std::fs::write(
         dir.path().join("infra/connections.yaml"),
-        format!("connections:\n  counter: {{ base_url: \"{}\" }}\n", counter.url),
+        format!(
+            "connections:\n  counter: {{ base_url: \"{}\" }}\n",
+            counter.url
+        ),
     )
     .unwrap();
     let port = {
@@ -126,7 +149,13 @@ async fn killed_mid_run_it_finishes_every_run_once_restarted() {
     let mut ids = Vec::new();
     for i in 0..60 {
         let body = json!({"playbook": "chain", "input": {"items": [format!("a{i}"), format!("b{i}"), format!("c{i}")]}});
-        let r = http.post(format!("{url}/runs")).bearer_auth(OPERATOR_KEY).json(&body).send().await.unwrap();
+        let r = http
+            .post(format!("{url}/runs"))
+            .bearer_auth(OPERATOR_KEY)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.status().as_u16(), 201);
         let v: Value = r.json().await.unwrap();
         ids.push(v["id"].as_str().unwrap().to_string());
@@ -135,8 +164,24 @@ async fn killed_mid_run_it_finishes_every_run_once_restarted() {
     let mut unfinished_at_kill = Vec::new();
     for delay_ms in [30u64, 60, 45, 80] {
         tokio::time::sleep(Duration::from_millis(delay_ms)).await;
-        let list: Value = http.get(format!("{url}/runs?limit=1000")).bearer_auth(OPERATOR_KEY).send().await.unwrap().json().await.unwrap();
-        let open = list.as_array().unwrap().iter().filter(|r| !["succeeded", "failed", "cancelled", "timed_out"].contains(&r["status"].as_str().unwrap())).count();
+        let list: Value = http
+            .get(format!("{url}/runs?limit=1000"))
+            .bearer_auth(OPERATOR_KEY)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let open = list
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| {
+                !["succeeded", "failed", "cancelled", "timed_out"]
+                    .contains(&r["status"].as_str().unwrap())
+            })
+            .count();
         unfinished_at_kill.push(open);
         server.kill9();
         server = Server::start(dir.path(), port);
@@ -155,42 +200,90 @@ async fn killed_mid_run_it_finishes_every_run_once_restarted() {
     let requests = counter.requests();
     let mut by_path: HashMap<String, Vec<String>> = HashMap::new();
     for r in &requests {
-        by_path.entry(r.path.clone()).or_default().push(r.header("idempotency-key").unwrap_or("").to_string());
+        by_path
+            .entry(r.path.clone())
+            .or_default()
+            .push(r.header("idempotency-key").unwrap_or("").to_string());
     }
     let mut repeated = 0;
     for run in &finished {
-        assert_eq!(run.status, RunStatus::Succeeded, "{}", riposte::timeline::render(run));
+        assert_eq!(
+            run.status,
+            RunStatus::Succeeded,
+            "{}",
+            riposte::timeline::render(run)
+        );
         // Each iteration succeeded exactly once, and started once more per lost worker only.
         let mut events: BTreeMap<(String, u32, String), usize> = BTreeMap::new();
         for h in &run.history {
             if let Some(step) = &h.step {
-                *events.entry((step.clone(), h.iteration.unwrap_or(0), h.event.clone())).or_default() += 1;
+                *events
+                    .entry((step.clone(), h.iteration.unwrap_or(0), h.event.clone()))
+                    .or_default() += 1;
             }
         }
         for st in &run.steps {
             for (i, _) in st.iterations.iter().enumerate() {
-                let n = |e: &str| events.get(&(st.id.clone(), i as u32, e.to_string())).copied().unwrap_or(0);
-                assert_eq!(n("succeeded"), 1, "run {} step {} [{i}] succeeded once", run.id, st.id);
-                assert_eq!(n("started"), 1 + n("worker_lost"), "run {} step {} [{i}]: a restart only after a lost worker", run.id, st.id);
+                let n = |e: &str| {
+                    events
+                        .get(&(st.id.clone(), i as u32, e.to_string()))
+                        .copied()
+                        .unwrap_or(0)
+                };
+                assert_eq!(
+                    n("succeeded"),
+                    1,
+                    "run {} step {} [{i}] succeeded once",
+                    run.id,
+                    st.id
+                );
+                assert_eq!(
+                    n("started"),
+                    1 + n("worker_lost"),
+                    "run {} step {} [{i}]: a restart only after a lost worker",
+                    run.id,
+                    st.id
+                );
             }
         }
         let items = run.input["items"].as_array().unwrap();
-        let mut paths = vec![format!("/first/{}", run.id), format!("/left/{}", run.id), format!("/join/{}", run.id)];
-        paths.extend(items.iter().map(|it| format!("/each/{}/{}", run.id, it.as_str().unwrap())));
+        let mut paths = vec![
+            format!("/first/{}", run.id),
+            format!("/left/{}", run.id),
+            format!("/join/{}", run.id),
+        ];
+        paths.extend(
+            items
+                .iter()
+                .map(|it| format!("/each/{}/{}", run.id, it.as_str().unwrap())),
+        );
         for p in paths {
-            let keys = by_path.get(&p).unwrap_or_else(|| panic!("{p} was never called"));
+            let keys = by_path
+                .get(&p)
+                .unwrap_or_else(|| panic!("{p} was never called"));
             if keys.len() > 1 {
                 repeated += keys.len() - 1;
-                assert!(keys.iter().all(|k| k == &keys[0]), "a repeated call carries the same idempotency key: {keys:?}");
+                assert!(
+                    keys.iter().all(|k| k == &keys[0]),
+                    "a repeated call carries the same idempotency key: {keys:?}"
+                );
                 let step = p.split('/').nth(1).unwrap();
                 assert!(
-                    run.history.iter().any(|h| h.event == "worker_lost" && h.step.as_deref() == Some(step)),
+                    run.history
+                        .iter()
+                        .any(|h| h.event == "worker_lost" && h.step.as_deref() == Some(step)),
                     "{p} was called {} times without a lost worker",
                     keys.len()
                 );
             }
         }
     }
-    assert!(unfinished_at_kill.iter().all(|n| *n > 0), "every kill must land while runs are in flight: {unfinished_at_kill:?}");
-    eprintln!("{} runs finished across 4 kills (unfinished at each kill: {unfinished_at_kill:?}); {repeated} calls repeated after a kill", finished.len());
+    assert!(
+        unfinished_at_kill.iter().all(|n| *n > 0),
+        "every kill must land while runs are in flight: {unfinished_at_kill:?}"
+    );
+    eprintln!(
+        "{} runs finished across 4 kills (unfinished at each kill: {unfinished_at_kill:?}); {repeated} calls repeated after a kill",
+        finished.len()
+    );
 }

@@ -33,7 +33,10 @@ pub fn page(status: StatusCode, body: &str) -> Response {
         [
             (header::CONTENT_TYPE, "text/html; charset=utf-8"),
             (header::CACHE_CONTROL, "no-store"),
-            (header::HeaderName::from_static("content-security-policy"), "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'"),
+            (
+                header::HeaderName::from_static("content-security-policy"),
+                "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'",
+            ),
             (header::HeaderName::from_static("x-frame-options"), "DENY"),
         ],
         html,

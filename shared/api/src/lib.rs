@@ -60,7 +60,13 @@ impl ApiKeys {
     }
 
     pub fn with(mut self, key: &str, name: &str, role: Role) -> ApiKeys {
-        self.keys.insert(key.to_string(), Principal { name: name.into(), role });
+        self.keys.insert(
+            key.to_string(),
+            Principal {
+                name: name.into(),
+                role,
+            },
+        );
         self
     }
 
@@ -78,7 +84,9 @@ impl ApiKeys {
                 other => return Err(format!("unknown role `{other}` (operator or contributor)")),
             };
             if key.len() < 16 {
-                return Err(format!("the API key for {name} is shorter than 16 characters"));
+                return Err(format!(
+                    "the API key for {name} is shorter than 16 characters"
+                ));
             }
             keys = keys.with(key, name, role);
         }
@@ -122,7 +130,8 @@ impl From<Error> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let status = StatusCode::from_u16(self.0.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let status =
+            StatusCode::from_u16(self.0.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         let mut body = json!({"error": self.0.to_string()});
         if let Error::Invalid(p) = &self.0 {
             body["problems"] = serde_json::to_value(&p.0).unwrap_or(Value::Null);
@@ -133,7 +142,9 @@ impl IntoResponse for ApiError {
 
 fn require(state: &AppState, headers: &HeaderMap, role: Role) -> Result<Principal, ApiError> {
     let p = state.auth.principal(headers).ok_or_else(|| {
-        ApiError(Error::Forbidden("missing or unknown API key (send `Authorization: Bearer KEY`)".into()))
+        ApiError(Error::Forbidden(
+            "missing or unknown API key (send `Authorization: Bearer KEY`)".into(),
+        ))
     })?;
     if p.role < role {
         return Err(ApiError(Error::Forbidden(format!(
@@ -154,11 +165,20 @@ pub fn router(state: AppState) -> Router {
         .route("/runs/{id}", get(get_run))
         .route("/runs/{id}/cancel", post(cancel_run))
         .route("/runs/{id}/approvals/{step}", post(answer_approval))
-        .route("/approvals/{token}", get(approval_page).post(approval_decide))
+        .route(
+            "/approvals/{token}",
+            get(approval_page).post(approval_decide),
+        )
         .route("/playbooks", get(list_playbooks))
-        .route("/playbooks/{id}", get(get_playbook).put(put_playbook).delete(delete_playbook))
+        .route(
+            "/playbooks/{id}",
+            get(get_playbook).put(put_playbook).delete(delete_playbook),
+        )
         .route("/rules", get(list_rules))
-        .route("/rules/{id}", get(get_rule).put(put_rule).delete(delete_rule))
+        .route(
+            "/rules/{id}",
+            get(get_rule).put(put_rule).delete(delete_rule),
+        )
         .route("/rules/{id}/enable", post(enable_rule))
         .route("/rules/{id}/disable", post(disable_rule))
         .route("/audit", get(audit))
@@ -167,10 +187,15 @@ pub fn router(state: AppState) -> Router {
 }
 
 fn parse_json(body: &Bytes, what: &str) -> Result<Value, ApiError> {
-    serde_json::from_slice(body).map_err(|e| ApiError(Error::BadRequest(format!("{what} is not valid JSON: {e}"))))
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError(Error::BadRequest(format!("{what} is not valid JSON: {e}"))))
 }
 
-async fn post_event(State(s): State<AppState>, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
+async fn post_event(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
     require(&s, &headers, Role::Operator)?;
     if body.len() > riposte_core::event::MAX_EVENT_BYTES {
         return Err(ApiError(Error::TooLarge(format!(
@@ -184,7 +209,11 @@ async fn post_event(State(s): State<AppState>, headers: HeaderMap, body: Bytes) 
     Ok((StatusCode::ACCEPTED, Json(out)).into_response())
 }
 
-async fn get_event(State(s): State<AppState>, headers: HeaderMap, Path(id): Path<String>) -> Result<Response, ApiError> {
+async fn get_event(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
     require(&s, &headers, Role::Operator)?;
     let rec = s
         .service
@@ -205,11 +234,21 @@ struct StartRun {
     input: Value,
 }
 
-async fn start_run(State(s): State<AppState>, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
+async fn start_run(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
     let p = require(&s, &headers, Role::Operator)?;
-    let req: StartRun = serde_json::from_value(parse_json(&body, "the request")?)
-        .map_err(|e| Error::BadRequest(format!("request: {e} (expected {{\"playbook\": ID, \"input\": {{...}}}})")))?;
-    let run = s.service.start_run(&req.playbook, req.input, &p.name).await?;
+    let req: StartRun = serde_json::from_value(parse_json(&body, "the request")?).map_err(|e| {
+        Error::BadRequest(format!(
+            "request: {e} (expected {{\"playbook\": ID, \"input\": {{...}}}})"
+        ))
+    })?;
+    let run = s
+        .service
+        .start_run(&req.playbook, req.input, &p.name)
+        .await?;
     Ok((StatusCode::CREATED, Json(run)).into_response())
 }
 
@@ -221,7 +260,11 @@ struct ListQuery {
     limit: Option<usize>,
 }
 
-async fn list_runs(State(s): State<AppState>, headers: HeaderMap, Query(q): Query<ListQuery>) -> Result<Response, ApiError> {
+async fn list_runs(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Query(q): Query<ListQuery>,
+) -> Result<Response, ApiError> {
     require(&s, &headers, Role::Operator)?;
     let status = match q.status.as_deref() {
         None | Some("") => None,
@@ -240,13 +283,21 @@ async fn list_runs(State(s): State<AppState>, headers: HeaderMap, Query(q): Quer
     Ok(Json(runs).into_response())
 }
 
-async fn get_run(State(s): State<AppState>, headers: HeaderMap, Path(id): Path<String>) -> Result<Response, ApiError> {
+async fn get_run(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
     require(&s, &headers, Role::Operator)?;
     let (run, _) = s.service.load(&id).await?;
     Ok(Json(run).into_response())
 }
 
-async fn cancel_run(State(s): State<AppState>, headers: HeaderMap, Path(id): Path<String>) -> Result<Response, ApiError> {
+async fn cancel_run(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
     let p = require(&s, &headers, Role::Operator)?;
     Ok(Json(s.service.cancel_run(&id, &p.name).await?).into_response())
 }
@@ -268,29 +319,53 @@ async fn answer_approval(
     let p = require(&s, &headers, Role::Operator)?;
     let a: Answer = serde_json::from_value(parse_json(&body, "the answer")?)
         .map_err(|e| Error::BadRequest(format!("answer: {e} (expected {{\"choice\": ..}})")))?;
-    Ok(Json(s.service.decide_as(&id, &step, a.iteration, &a.choice, &p.name).await?).into_response())
+    Ok(Json(
+        s.service
+            .decide_as(&id, &step, a.iteration, &a.choice, &p.name)
+            .await?,
+    )
+    .into_response())
 }
 
 async fn approval_page(State(s): State<AppState>, Path(token): Path<String>) -> Response {
     match s.service.approval_view(&token).await {
         Ok(view) => html::page(StatusCode::OK, &html::confirm(&view)),
-        Err(e) => html::page(StatusCode::from_u16(e.status()).unwrap_or(StatusCode::BAD_REQUEST), &html::refused(&e.to_string())),
+        Err(e) => html::page(
+            StatusCode::from_u16(e.status()).unwrap_or(StatusCode::BAD_REQUEST),
+            &html::refused(&e.to_string()),
+        ),
     }
 }
 
-async fn approval_decide(State(s): State<AppState>, Path(token): Path<String>, body: Bytes) -> Response {
+async fn approval_decide(
+    State(s): State<AppState>,
+    Path(token): Path<String>,
+    body: Bytes,
+) -> Response {
     let approver = url::form_urlencoded::parse(&body)
         .find(|(k, _)| k == "approver")
         .map(|(_, v)| v.into_owned());
     match s.service.decide(&token, approver.as_deref()).await {
         Ok(view) => html::page(StatusCode::OK, &html::decided(&view)),
-        Err(e) => html::page(StatusCode::from_u16(e.status()).unwrap_or(StatusCode::BAD_REQUEST), &html::refused(&e.to_string())),
+        Err(e) => html::page(
+            StatusCode::from_u16(e.status()).unwrap_or(StatusCode::BAD_REQUEST),
+            &html::refused(&e.to_string()),
+        ),
     }
 }
 
-async fn list_playbooks(State(s): State<AppState>, headers: HeaderMap) -> Result<Response, ApiError> {
+async fn list_playbooks(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
     require(&s, &headers, Role::Operator)?;
-    let list = s.service.deps().store.list_playbooks().await.map_err(Error::from)?;
+    let list = s
+        .service
+        .deps()
+        .store
+        .list_playbooks()
+        .await
+        .map_err(Error::from)?;
     Ok(Json(list).into_response())
 }
 
@@ -325,7 +400,8 @@ fn parse_source(headers: &HeaderMap, body: &Bytes) -> Result<Value, ApiError> {
         .and_then(|v| v.to_str().ok())
         .is_some_and(|ct| ct.contains("yaml"));
     if yaml {
-        let text = std::str::from_utf8(body).map_err(|_| Error::BadRequest("body is not UTF-8".into()))?;
+        let text =
+            std::str::from_utf8(body).map_err(|_| Error::BadRequest("body is not UTF-8".into()))?;
         serde_yaml_value(text)
     } else {
         parse_json(body, "the body")
@@ -348,13 +424,20 @@ async fn put_playbook(
     let value = parse_source(&headers, &body)?;
     let spec = playbook::spec_from_value(value, None).map_err(Error::Invalid)?;
     if spec.id != id {
-        return Err(ApiError(Error::BadRequest(format!("the body's id `{}` is not the URL's `{id}`", spec.id))));
+        return Err(ApiError(Error::BadRequest(format!(
+            "the body's id `{}` is not the URL's `{id}`",
+            spec.id
+        ))));
     }
     let stored = s.service.put_playbook(spec, &p.name).await?;
     Ok((StatusCode::OK, Json(stored)).into_response())
 }
 
-async fn delete_playbook(State(s): State<AppState>, headers: HeaderMap, Path(id): Path<String>) -> Result<Response, ApiError> {
+async fn delete_playbook(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
     let p = require(&s, &headers, Role::Contributor)?;
     s.service.delete_playbook(&id, &p.name).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
@@ -365,7 +448,11 @@ async fn list_rules(State(s): State<AppState>, headers: HeaderMap) -> Result<Res
     Ok(Json(s.service.list_rules().await?).into_response())
 }
 
-async fn get_rule(State(s): State<AppState>, headers: HeaderMap, Path(id): Path<String>) -> Result<Response, ApiError> {
+async fn get_rule(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
     require(&s, &headers, Role::Operator)?;
     let r = s
         .service
@@ -378,7 +465,12 @@ async fn get_rule(State(s): State<AppState>, headers: HeaderMap, Path(id): Path<
     Ok(Json(r).into_response())
 }
 
-async fn put_rule(State(s): State<AppState>, headers: HeaderMap, Path(id): Path<String>, body: Bytes) -> Result<Response, ApiError> {
+async fn put_rule(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
     let p = require(&s, &headers, Role::Contributor)?;
     let rule: Rule = if headers
         .get(header::CONTENT_TYPE)
@@ -391,22 +483,37 @@ async fn put_rule(State(s): State<AppState>, headers: HeaderMap, Path(id): Path<
             .map_err(|e| Error::Invalid(Problems::one(None, "", e.to_string())))?
     };
     if rule.id != id {
-        return Err(ApiError(Error::BadRequest(format!("the body's id `{}` is not the URL's `{id}`", rule.id))));
+        return Err(ApiError(Error::BadRequest(format!(
+            "the body's id `{}` is not the URL's `{id}`",
+            rule.id
+        ))));
     }
     Ok(Json(s.service.put_rule(rule, &p.name).await?).into_response())
 }
 
-async fn enable_rule(State(s): State<AppState>, headers: HeaderMap, Path(id): Path<String>) -> Result<Response, ApiError> {
+async fn enable_rule(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
     let p = require(&s, &headers, Role::Contributor)?;
     Ok(Json(s.service.set_rule_enabled(&id, true, &p.name).await?).into_response())
 }
 
-async fn disable_rule(State(s): State<AppState>, headers: HeaderMap, Path(id): Path<String>) -> Result<Response, ApiError> {
+async fn disable_rule(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
     let p = require(&s, &headers, Role::Contributor)?;
     Ok(Json(s.service.set_rule_enabled(&id, false, &p.name).await?).into_response())
 }
 
-async fn delete_rule(State(s): State<AppState>, headers: HeaderMap, Path(id): Path<String>) -> Result<Response, ApiError> {
+async fn delete_rule(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
     let p = require(&s, &headers, Role::Contributor)?;
     s.service.delete_rule(&id, &p.name).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
@@ -414,7 +521,15 @@ async fn delete_rule(State(s): State<AppState>, headers: HeaderMap, Path(id): Pa
 
 async fn audit(State(s): State<AppState>, headers: HeaderMap) -> Result<Response, ApiError> {
     require(&s, &headers, Role::Contributor)?;
-    Ok(Json(s.service.deps().store.list_audit(500).await.map_err(Error::from)?).into_response())
+    Ok(Json(
+        s.service
+            .deps()
+            .store
+            .list_audit(500)
+            .await
+            .map_err(Error::from)?,
+    )
+    .into_response())
 }
 
 /// JSON for a page that needs it (unused by the HTML routes).

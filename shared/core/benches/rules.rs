@@ -57,7 +57,10 @@ fn alert(i: usize) -> Alert {
         account: Some("123456789012".into()),
         region: Some("us-east-1".into()),
         resources: vec![],
-        entities: Entities { ips: vec!["198.51.100.23".into()], ..Default::default() },
+        entities: Entities {
+            ips: vec!["198.51.100.23".into()],
+            ..Default::default()
+        },
         first_seen: None,
         last_seen: None,
         created_at: None,
@@ -77,22 +80,41 @@ fn main() {
     let mut matched = 0;
     let start = Instant::now();
     for a in &alerts {
-        matched += index.evaluate(a, 0).lines.iter().filter(|l| l.verdict == rule::Verdict::Matched).count();
+        matched += index
+            .evaluate(a, 0)
+            .lines
+            .iter()
+            .filter(|l| l.verdict == rule::Verdict::Matched)
+            .count();
     }
     let per = start.elapsed() / alerts.len() as u32;
     // The same through plain evaluation of every rule, for comparison and as a check.
     let start = Instant::now();
     let mut matched_plain = 0;
     for a in alerts.iter().take(20) {
-        matched_plain += rule::evaluate(&set, a, 0).lines.iter().filter(|l| l.verdict == rule::Verdict::Matched).count();
+        matched_plain += rule::evaluate(&set, a, 0)
+            .lines
+            .iter()
+            .filter(|l| l.verdict == rule::Verdict::Matched)
+            .count();
     }
     let per_plain = start.elapsed() / 20;
     let matched_first20: usize = alerts
         .iter()
         .take(20)
-        .map(|a| index.evaluate(a, 0).lines.iter().filter(|l| l.verdict == rule::Verdict::Matched).count())
+        .map(|a| {
+            index
+                .evaluate(a, 0)
+                .lines
+                .iter()
+                .filter(|l| l.verdict == rule::Verdict::Matched)
+                .count()
+        })
         .sum();
-    assert_eq!(matched_first20, matched_plain, "the index must decide exactly what plain evaluation decides");
+    assert_eq!(
+        matched_first20, matched_plain,
+        "the index must decide exactly what plain evaluation decides"
+    );
     println!("rules: 10000; alerts: {}; matches: {matched}", alerts.len());
     println!("indexed evaluation: {per:?} per alert (target <= 1 ms)");
     println!("plain evaluation:   {per_plain:?} per alert");

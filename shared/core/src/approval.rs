@@ -87,7 +87,8 @@ impl Signer {
         let sig = B64.decode(sig).map_err(|_| TokenError::Malformed)?;
         let mut mac = self.mac();
         mac.update(body.as_bytes());
-        mac.verify_slice(&sig).map_err(|_| TokenError::BadSignature)?;
+        mac.verify_slice(&sig)
+            .map_err(|_| TokenError::BadSignature)?;
         let bytes = B64.decode(body).map_err(|_| TokenError::Malformed)?;
         serde_json::from_slice(&bytes).map_err(|_| TokenError::Malformed)
     }
@@ -133,7 +134,13 @@ mod tests {
             if altered == token {
                 continue;
             }
-            assert!(signer.verify(&altered).map(|c| c != claims()).unwrap_or(true), "position {i}");
+            assert!(
+                signer
+                    .verify(&altered)
+                    .map(|c| c != claims())
+                    .unwrap_or(true),
+                "position {i}"
+            );
         }
         // A token signed with another key, or with claims swapped in, is refused.
         let other = Signer::new(b"other-key-other-key-other-key-00".as_slice()).sign(&claims());
@@ -149,7 +156,10 @@ mod tests {
         assert_eq!(signer.verify(&swapped), Err(TokenError::BadSignature));
         assert!(!forged_body.is_empty());
         assert_eq!(signer.verify("no-dot"), Err(TokenError::Malformed));
-        assert_eq!(signer.verify(&"a".repeat(MAX_TOKEN_LEN + 1)), Err(TokenError::Malformed));
+        assert_eq!(
+            signer.verify(&"a".repeat(MAX_TOKEN_LEN + 1)),
+            Err(TokenError::Malformed)
+        );
     }
 
     #[test]

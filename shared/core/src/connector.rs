@@ -26,7 +26,15 @@ impl Catalog for Builtins {
         match name {
             HTTP_REQUEST => Ok(OperationSchema {
                 required: vec!["connection", "method", "path"],
-                optional: vec!["query", "headers", "json", "form", "text", "content_type", "timeout"],
+                optional: vec![
+                    "query",
+                    "headers",
+                    "json",
+                    "form",
+                    "text",
+                    "content_type",
+                    "timeout",
+                ],
                 literal: vec!["connection", "method"],
             }),
             NOOP => Ok(OperationSchema {
@@ -135,7 +143,10 @@ struct ConnectionsFile {
 
 impl Connections {
     /// Parses `connections: { NAME: { base_url, auth, ... } }` (YAML or JSON).
-    pub fn parse(source: &str, file: Option<&str>) -> Result<Connections, crate::playbook::Problems> {
+    pub fn parse(
+        source: &str,
+        file: Option<&str>,
+    ) -> Result<Connections, crate::playbook::Problems> {
         let f: ConnectionsFile = serde_yaml_ng::from_str(source)
             .map_err(|e| crate::playbook::Problems::one(file, "connections", e.to_string()))?;
         let mut map = BTreeMap::new();
@@ -184,11 +195,19 @@ pub fn connections_used(pb: &crate::playbook::Playbook) -> Vec<(String, String)>
             return;
         }
         let name = match t {
-            Template::Literal(Value::Object(m)) => m.get("connection").and_then(Value::as_str).map(str::to_string),
-            Template::Map(entries) => entries.iter().find(|(k, _)| k == "connection").and_then(|(_, t)| match t {
-                Template::Literal(Value::String(s)) => Some(s.clone()),
-                _ => None,
-            }),
+            Template::Literal(Value::Object(m)) => m
+                .get("connection")
+                .and_then(Value::as_str)
+                .map(str::to_string),
+            Template::Map(entries) => {
+                entries
+                    .iter()
+                    .find(|(k, _)| k == "connection")
+                    .and_then(|(_, t)| match t {
+                        Template::Literal(Value::String(s)) => Some(s.clone()),
+                        _ => None,
+                    })
+            }
             _ => None,
         };
         if let Some(n) = name {

@@ -71,7 +71,10 @@ impl Expr {
                 source: trimmed.into(),
                 program: Arc::new(program),
             }),
-            Ok(Err(e)) => Err(format!("cannot parse `{trimmed}`: {}", one_line(&e.to_string()))),
+            Ok(Err(e)) => Err(format!(
+                "cannot parse `{trimmed}`: {}",
+                one_line(&e.to_string())
+            )),
             Err(_) => Err(format!("cannot parse `{trimmed}`")),
         }
     }
@@ -104,7 +107,8 @@ impl Expr {
                 }
                 ("_==_", [a, b]) => {
                     for (sel, lit) in [(a, b), (b, a)] {
-                        if let (Ast::Select(s), Ast::Literal(LiteralValue::String(v))) = (&sel.expr, &lit.expr)
+                        if let (Ast::Select(s), Ast::Literal(LiteralValue::String(v))) =
+                            (&sel.expr, &lit.expr)
                             && !s.test
                             && matches!(&s.operand.expr, Ast::Ident(name) if name == var)
                         {
@@ -131,7 +135,8 @@ impl Expr {
         }))
         .map_err(|_| err("evaluation failed".into()))?
         .map_err(|e| err(one_line(&e.to_string())))?;
-        out.json().map_err(|e| err(format!("result is not JSON: {e}")))
+        out.json()
+            .map_err(|e| err(format!("result is not JSON: {e}")))
     }
 
     /// Evaluates to a boolean; anything else is an error naming the type.
@@ -184,7 +189,8 @@ impl Scope {
     pub fn set(&mut self, name: &str, value: &Value) -> &mut Self {
         // serde_json::Value always converts; a failure here would be a cel bug.
         if self.ctx.add_variable(name.to_string(), value).is_err() {
-            self.ctx.add_variable_from_value(name.to_string(), cel::Value::Null);
+            self.ctx
+                .add_variable_from_value(name.to_string(), cel::Value::Null);
         }
         self
     }
@@ -362,7 +368,10 @@ fn compile_at(value: &Value, path: &str, errors: &mut Vec<TemplateError>) -> Tem
                 .iter()
                 .map(|(k, v)| (k.clone(), compile_at(v, &format!("{path}.{k}"), errors)))
                 .collect();
-            if entries.iter().all(|(_, t)| matches!(t, Template::Literal(_))) {
+            if entries
+                .iter()
+                .all(|(_, t)| matches!(t, Template::Literal(_)))
+            {
                 Template::Literal(value.clone())
             } else {
                 Template::Map(entries)
@@ -405,8 +414,8 @@ fn compile_string(s: &str) -> Result<Template, String> {
     match parts.as_slice() {
         [Part::Expr(e)] => Ok(Template::Whole(e.clone())),
         [] => Ok(Template::Literal(Value::String(String::new()))),
-        _ if parts.iter().all(|p| matches!(p, Part::Text(_))) => Ok(Template::Literal(
-            Value::String(
+        _ if parts.iter().all(|p| matches!(p, Part::Text(_))) => {
+            Ok(Template::Literal(Value::String(
                 parts
                     .iter()
                     .map(|p| match p {
@@ -414,8 +423,8 @@ fn compile_string(s: &str) -> Result<Template, String> {
                         Part::Expr(_) => "",
                     })
                     .collect(),
-            ),
-        )),
+            )))
+        }
         _ => Ok(Template::Mixed(parts)),
     }
 }
@@ -475,7 +484,9 @@ mod tests {
         let t = Template::compile(&json!({"ips": "${{ alert.entities.ips }}", "n": 3}), "with")
             .unwrap();
         let out = t
-            .render(&scope(json!({"entities": {"ips": ["198.51.100.1", "203.0.113.9"]}})))
+            .render(&scope(
+                json!({"entities": {"ips": ["198.51.100.1", "203.0.113.9"]}}),
+            ))
             .unwrap();
         assert_eq!(out, json!({"ips": ["198.51.100.1", "203.0.113.9"], "n": 3}));
     }
@@ -498,18 +509,26 @@ mod tests {
     fn path_segments_are_percent_encoded() {
         let t = Template::compile(&json!("/api/items/${{ alert.id }}"), "path").unwrap();
         let out = t
-            .render_with(&scope(json!({"id": "../admin?x=1/#"})), Encoding::PathSegment)
+            .render_with(
+                &scope(json!({"id": "../admin?x=1/#"})),
+                Encoding::PathSegment,
+            )
             .unwrap();
         assert_eq!(out, json!("/api/items/..%2Fadmin%3Fx%3D1%2F%23"));
         let t = Template::compile(&json!("/a/${{ alert.id }}"), "path").unwrap();
-        let out = t.render_with(&scope(json!({"id": ".."})), Encoding::PathSegment).unwrap();
+        let out = t
+            .render_with(&scope(json!({"id": ".."})), Encoding::PathSegment)
+            .unwrap();
         assert_eq!(out, json!("/a/%2E%2E"));
     }
 
     #[test]
     fn doubled_dollar_escapes_a_literal_opening() {
         let t = Template::compile(&json!("price $${{ not an expr }}"), "x").unwrap();
-        assert_eq!(t.render(&Scope::new()).unwrap(), json!("price ${{ not an expr }}"));
+        assert_eq!(
+            t.render(&Scope::new()).unwrap(),
+            json!("price ${{ not an expr }}")
+        );
     }
 
     #[test]
@@ -524,9 +543,20 @@ mod tests {
     fn missing_fields_are_errors_and_has_guards_them() {
         let s = scope(json!({"title": "t"}));
         assert!(Expr::parse("alert.nope == 1").unwrap().eval(&s).is_err());
-        assert!(!Expr::parse("has(alert.nope) && alert.nope == 1").unwrap().eval_bool(&s).unwrap());
-        let e = Expr::parse("alert.title").unwrap().eval_bool(&s).unwrap_err();
-        assert!(e.message.contains("expected a boolean, got a string"), "{e}");
+        assert!(
+            !Expr::parse("has(alert.nope) && alert.nope == 1")
+                .unwrap()
+                .eval_bool(&s)
+                .unwrap()
+        );
+        let e = Expr::parse("alert.title")
+            .unwrap()
+            .eval_bool(&s)
+            .unwrap_err();
+        assert!(
+            e.message.contains("expected a boolean, got a string"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -548,11 +578,17 @@ mod tests {
     #[test]
     fn top_level_equalities_are_found() {
         let e = Expr::parse("alert.source == 'guardduty' && ('High' == alert.severity && alert.title.contains('x')) || false").unwrap();
-        assert!(e.required_equalities("alert").is_empty(), "an || at the top hides them");
+        assert!(
+            e.required_equalities("alert").is_empty(),
+            "an || at the top hides them"
+        );
         let e = Expr::parse("alert.source == 'guardduty' && ('High' == alert.severity && alert.title.contains('x'))").unwrap();
         assert_eq!(
             e.required_equalities("alert"),
-            vec![("source".to_string(), "guardduty".to_string()), ("severity".to_string(), "High".to_string())]
+            vec![
+                ("source".to_string(), "guardduty".to_string()),
+                ("severity".to_string(), "High".to_string())
+            ]
         );
     }
 

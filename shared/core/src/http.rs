@@ -50,7 +50,10 @@ pub enum Auth {
     },
     /// AWS Signature Version 4 with the host's AWS credentials (the function's role on AWS; the
     /// standard AWS environment variables locally).
-    AwsSigv4 { service: String, region: String },
+    AwsSigv4 {
+        service: String,
+        region: String,
+    },
 }
 
 /// A named, declared endpoint: the only place a scheme, host and credentials come from.
@@ -152,7 +155,9 @@ pub const REDACTED_HEADERS: &[&str] = &[
 /// Whether a header's value must be redacted wherever a request is shown.
 pub fn is_sensitive_header(name: &str) -> bool {
     let lower = name.to_ascii_lowercase();
-    REDACTED_HEADERS.contains(&lower.as_str()) || lower.contains("secret") || lower.contains("token")
+    REDACTED_HEADERS.contains(&lower.as_str())
+        || lower.contains("secret")
+        || lower.contains("token")
 }
 
 /// A copy of `request` fit to show: sensitive header values replaced by `[REDACTED]`.

@@ -353,7 +353,9 @@ pub fn valid_id(id: &str) -> bool {
     !id.is_empty()
         && id.len() <= 64
         && id.as_bytes()[0].is_ascii_alphabetic()
-        && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
 /// Parses a YAML (or JSON, which is YAML) source into the written form, with the file named.
@@ -362,7 +364,10 @@ pub fn parse_spec(source: &str, file: Option<&str>) -> Result<PlaybookSpec, Prob
         return Err(Problems::one(
             file,
             "",
-            format!("playbook is {} bytes; the limit is {MAX_PLAYBOOK_BYTES}", source.len()),
+            format!(
+                "playbook is {} bytes; the limit is {MAX_PLAYBOOK_BYTES}",
+                source.len()
+            ),
         ));
     }
     let value: Value = serde_yaml_ng::from_str(source)
@@ -373,7 +378,11 @@ pub fn parse_spec(source: &str, file: Option<&str>) -> Result<PlaybookSpec, Prob
 /// Reads the written form from a JSON value; unknown or mistyped fields are named with their step.
 pub fn spec_from_value(value: Value, file: Option<&str>) -> Result<PlaybookSpec, Problems> {
     let Value::Object(mut top) = value else {
-        return Err(Problems::one(file, "", "a playbook must be a map with id, name and steps"));
+        return Err(Problems::one(
+            file,
+            "",
+            "a playbook must be a map with id, name and steps",
+        ));
     };
     let mut problems = Vec::new();
     let steps_value = top.remove("steps");
@@ -528,8 +537,12 @@ impl Checker<'_> {
                     if !schema.required.contains(&g.as_str())
                         && !schema.optional.contains(&g.as_str())
                     {
-                        let known: Vec<&str> =
-                            schema.required.iter().chain(&schema.optional).copied().collect();
+                        let known: Vec<&str> = schema
+                            .required
+                            .iter()
+                            .chain(&schema.optional)
+                            .copied()
+                            .collect();
                         self.problem(
                             &format!("{field}.with.{g}"),
                             format!(
@@ -541,7 +554,9 @@ impl Checker<'_> {
                 }
                 for lit in &schema.literal {
                     if let Some(v) = with.get(*lit)
-                        && Template::compile(v, "").map(|t| !t.is_literal()).unwrap_or(false)
+                        && Template::compile(v, "")
+                            .map(|t| !t.is_literal())
+                            .unwrap_or(false)
                     {
                         self.problem(
                             &format!("{field}.with.{lit}"),
@@ -556,7 +571,11 @@ impl Checker<'_> {
 }
 
 /// Validates the written form into a runnable playbook.
-pub fn compile(spec: PlaybookSpec, version: u32, catalog: &dyn Catalog) -> Result<Playbook, Problems> {
+pub fn compile(
+    spec: PlaybookSpec,
+    version: u32,
+    catalog: &dyn Catalog,
+) -> Result<Playbook, Problems> {
     let mut c = Checker {
         problems: Vec::new(),
         step: None,
@@ -572,7 +591,10 @@ pub fn compile(spec: PlaybookSpec, version: u32, catalog: &dyn Catalog) -> Resul
         c.problem("steps", "a playbook needs at least one step");
     }
     if spec.steps.len() > MAX_STEPS {
-        c.problem("steps", format!("{} steps; the limit is {MAX_STEPS}", spec.steps.len()));
+        c.problem(
+            "steps",
+            format!("{} steps; the limit is {MAX_STEPS}", spec.steps.len()),
+        );
     }
     let vars = c.template("vars", &Value::Object(spec.vars.clone()));
 
@@ -622,7 +644,10 @@ pub fn compile(spec: PlaybookSpec, version: u32, catalog: &dyn Catalog) -> Resul
             let mut seen = HashSet::new();
             for ch in &a.choices {
                 if !valid_id(ch) {
-                    c.problem("approval.choices", format!("`{ch}` is not a valid choice name"));
+                    c.problem(
+                        "approval.choices",
+                        format!("`{ch}` is not a valid choice name"),
+                    );
                 }
                 if !seen.insert(ch) {
                     c.problem("approval.choices", format!("duplicate choice `{ch}`"));
@@ -631,7 +656,10 @@ pub fn compile(spec: PlaybookSpec, version: u32, catalog: &dyn Catalog) -> Resul
             if let Some(d) = &a.default
                 && !a.choices.contains(d)
             {
-                c.problem("approval.default", format!("`{d}` is not one of the choices"));
+                c.problem(
+                    "approval.default",
+                    format!("`{d}` is not one of the choices"),
+                );
             }
             let expires_in_ms = a
                 .expires_in
@@ -724,10 +752,15 @@ pub fn compile(spec: PlaybookSpec, version: u32, catalog: &dyn Catalog) -> Resul
             Some(OnErrorSpec::Mode(m)) if m == "fail" => OnError::Fail,
             Some(OnErrorSpec::Mode(m)) if m == "continue" => OnError::Continue,
             Some(OnErrorSpec::Mode(m)) => {
-                c.problem("on_error", format!("`{m}` is not `fail`, `continue` or `{{goto: [steps]}}`"));
+                c.problem(
+                    "on_error",
+                    format!("`{m}` is not `fail`, `continue` or `{{goto: [steps]}}`"),
+                );
                 OnError::Fail
             }
-            Some(OnErrorSpec::Goto { goto }) => OnError::Goto(resolve(&mut c, "on_error.goto", goto)),
+            Some(OnErrorSpec::Goto { goto }) => {
+                OnError::Goto(resolve(&mut c, "on_error.goto", goto))
+            }
         };
         let switch = s.switch.as_ref().map(|sw| {
             let on = c.expr("switch.on", &sw.on);
@@ -737,7 +770,12 @@ pub fn compile(spec: PlaybookSpec, version: u32, catalog: &dyn Catalog) -> Resul
             let cases = sw
                 .cases
                 .iter()
-                .map(|(k, ids)| (k.clone(), resolve(&mut c, &format!("switch.cases.{k}"), ids)))
+                .map(|(k, ids)| {
+                    (
+                        k.clone(),
+                        resolve(&mut c, &format!("switch.cases.{k}"), ids),
+                    )
+                })
                 .collect();
             let default = resolve(&mut c, "switch.default", &sw.default);
             Switch {
@@ -865,11 +903,16 @@ fn check_graph(steps: &[Step], c: &mut Checker) {
             let from_same: HashSet<usize> = s.incoming.iter().map(|e| e.from).collect();
             if from_same.len() == 1 {
                 let guards: Vec<&Guard> = s.incoming.iter().map(|e| &e.guard).collect();
-                let cases = guards.iter().filter(|g| matches!(g, Guard::Case(_))).count();
+                let cases = guards
+                    .iter()
+                    .filter(|g| matches!(g, Guard::Case(_)))
+                    .count();
                 if cases > 1 {
                     continue;
                 }
-                if guards.contains(&&Guard::Error) && guards.iter().any(|g| !matches!(g, Guard::Error)) {
+                if guards.contains(&&Guard::Error)
+                    && guards.iter().any(|g| !matches!(g, Guard::Error))
+                {
                     c.step = Some(s.id.clone());
                     c.problem(
                         "needs",
@@ -938,33 +981,68 @@ steps:
         let (_, done) = pb.step("done").unwrap();
         assert_eq!(done.incoming.len(), 2);
         let (_, block) = pb.step("block_ip").unwrap();
-        assert_eq!(block.incoming, vec![Edge { from: 0, guard: Guard::Case("block".into()) }]);
+        assert_eq!(
+            block.incoming,
+            vec![Edge {
+                from: 0,
+                guard: Guard::Case("block".into())
+            }]
+        );
         assert_eq!(block.retry, RetryPolicy::DEFAULT_ACTION);
     }
 
     #[test]
     fn errors_name_file_step_and_field() {
-        let src = OK.replace("default: ignore", "default: maybe").replace("[block_ip, close]", "[block_ip, nope]");
+        let src = OK
+            .replace("default: ignore", "default: maybe")
+            .replace("[block_ip, close]", "[block_ip, nope]");
         let p = problems(&src);
-        assert!(p.contains(&"pb.yaml: step `ask`: approval.default: `maybe` is not one of the choices".to_string()), "{p:?}");
-        assert!(p.contains(&"pb.yaml: step `done`: needs: unknown step `nope`".to_string()), "{p:?}");
+        assert!(
+            p.contains(
+                &"pb.yaml: step `ask`: approval.default: `maybe` is not one of the choices"
+                    .to_string()
+            ),
+            "{p:?}"
+        );
+        assert!(
+            p.contains(&"pb.yaml: step `done`: needs: unknown step `nope`".to_string()),
+            "{p:?}"
+        );
     }
 
     #[test]
     fn unknown_fields_and_operations_and_inputs_are_named() {
         let p = problems(&OK.replace("for_each:", "for_eahc:"));
-        assert!(p[0].contains("step `block_ip`") && p[0].contains("unknown field `for_eahc`"), "{p:?}");
+        assert!(
+            p[0].contains("step `block_ip`") && p[0].contains("unknown field `for_eahc`"),
+            "{p:?}"
+        );
         let p = problems(&OK.replace("http.request", "http.reqest"));
-        assert!(p.iter().any(|m| m.contains("unknown operation `http.reqest`")), "{p:?}");
+        assert!(
+            p.iter()
+                .any(|m| m.contains("unknown operation `http.reqest`")),
+            "{p:?}"
+        );
         let p = problems(&OK.replace("method: POST", "methd: POST"));
-        assert!(p.iter().any(|m| m.contains("action.with.methd") && m.contains("has no input")), "{p:?}");
-        assert!(p.iter().any(|m| m.contains("needs input `method`")), "{p:?}");
+        assert!(
+            p.iter()
+                .any(|m| m.contains("action.with.methd") && m.contains("has no input")),
+            "{p:?}"
+        );
+        assert!(
+            p.iter().any(|m| m.contains("needs input `method`")),
+            "{p:?}"
+        );
     }
 
     #[test]
     fn an_expression_may_not_choose_the_connection() {
         let p = problems(&OK.replace("connection: fw", "connection: \"${{ alert.title }}\""));
-        assert!(p.iter().any(|m| m.contains("with.connection") && m.contains("literally")), "{p:?}");
+        assert!(
+            p.iter()
+                .any(|m| m.contains("with.connection") && m.contains("literally")),
+            "{p:?}"
+        );
     }
 
     #[test]
@@ -972,20 +1050,38 @@ steps:
         let p = problems(&OK.replace("  - id: close\n", "  - id: close\n    needs: [done]\n"));
         assert!(p.iter().any(|m| m.contains("cycle")), "{p:?}");
         let p = problems(&OK.replace("alert.entities.ips", "alert.entities.ips +"));
-        assert!(p.iter().any(|m| m.contains("step `block_ip`: for_each: cannot parse")), "{p:?}");
+        assert!(
+            p.iter()
+                .any(|m| m.contains("step `block_ip`: for_each: cannot parse")),
+            "{p:?}"
+        );
         let p = problems(&OK.replace("alert.entities.ips", "secrets.fw"));
-        assert!(p.iter().any(|m| m.contains("unknown variable `secrets`")), "{p:?}");
+        assert!(
+            p.iter().any(|m| m.contains("unknown variable `secrets`")),
+            "{p:?}"
+        );
     }
 
     #[test]
     fn unreachable_cases_are_caught() {
         let p = problems(&OK.replace("cases: { block:", "cases: { blok:"));
-        assert!(p.iter().any(|m| m.contains("`blok` is not a choice") && m.contains("unreachable")), "{p:?}");
+        assert!(
+            p.iter()
+                .any(|m| m.contains("`blok` is not a choice") && m.contains("unreachable")),
+            "{p:?}"
+        );
     }
 
     #[test]
     fn malformed_sources_are_errors_not_panics() {
-        for src in ["", "[]", "id: x", "{{{", "id: x\nname: y\nsteps: 3", "\u{0}"] {
+        for src in [
+            "",
+            "[]",
+            "id: x",
+            "{{{",
+            "id: x\nname: y\nsteps: 3",
+            "\u{0}",
+        ] {
             assert!(!problems(src).is_empty(), "{src:?} should be rejected");
         }
         let big = "#".repeat(MAX_PLAYBOOK_BYTES + 1);
@@ -994,7 +1090,15 @@ steps:
 
     #[test]
     fn retry_delay_grows_and_is_capped() {
-        let r = RetryPolicy { max_attempts: 5, delay_ms: 1000, backoff: 2.0, max_delay_ms: 3000 };
-        assert_eq!([r.delay_before(2), r.delay_before(3), r.delay_before(4)], [1000, 2000, 3000]);
+        let r = RetryPolicy {
+            max_attempts: 5,
+            delay_ms: 1000,
+            backoff: 2.0,
+            max_delay_ms: 3000,
+        };
+        assert_eq!(
+            [r.delay_before(2), r.delay_before(3), r.delay_before(4)],
+            [1000, 2000, 3000]
+        );
     }
 }

@@ -66,7 +66,11 @@ impl Rule {
     /// Parses a YAML or JSON rule source.
     pub fn parse(source: &str, file: Option<&str>) -> Result<Rule, Problems> {
         if source.len() > 64 * 1024 {
-            return Err(Problems::one(file, "", "a rule source is limited to 64 KiB"));
+            return Err(Problems::one(
+                file,
+                "",
+                "a rule source is limited to 64 KiB",
+            ));
         }
         serde_yaml_ng::from_str(source).map_err(|e| Problems::one(file, "", e.to_string()))
     }
@@ -100,7 +104,10 @@ impl Rule {
             Ok(e) => {
                 for v in e.variables() {
                     if v != "alert" {
-                        p("condition", format!("`{v}` is not known here; a rule condition reads `alert`"));
+                        p(
+                            "condition",
+                            format!("`{v}` is not known here; a rule condition reads `alert`"),
+                        );
                     }
                 }
                 Some(e)
@@ -153,7 +160,9 @@ impl fmt::Display for Verdict {
             Verdict::Disabled => write!(f, "disabled"),
             Verdict::Expired => write!(f, "expired"),
             Verdict::OtherTrigger => write!(f, "rule is for the other trigger kind"),
-            Verdict::AfterTerminal(r) => write!(f, "not evaluated: terminal rule `{r}` matched first"),
+            Verdict::AfterTerminal(r) => {
+                write!(f, "not evaluated: terminal rule `{r}` matched first")
+            }
         }
     }
 }
@@ -177,7 +186,12 @@ impl Evaluation {
         let mut out = Vec::new();
         for line in self.lines.iter().filter(|l| l.verdict == Verdict::Matched) {
             if let Some(r) = rules.iter().find(|r| *r.rule.id == *line.rule_id) {
-                out.extend(r.rule.playbooks.iter().map(|p| (r.rule.id.clone(), p.clone())));
+                out.extend(
+                    r.rule
+                        .playbooks
+                        .iter()
+                        .map(|p| (r.rule.id.clone(), p.clone())),
+                );
             }
         }
         out
@@ -218,7 +232,15 @@ pub struct RuleSet {
 impl RuleSet {
     pub fn new(mut rules: Vec<CompiledRule>) -> RuleSet {
         sort(&mut rules);
-        let ids = rules.iter().map(|r| (Arc::from(r.rule.id.as_str()), Arc::from(r.rule.name.as_str()))).collect();
+        let ids = rules
+            .iter()
+            .map(|r| {
+                (
+                    Arc::from(r.rule.id.as_str()),
+                    Arc::from(r.rule.name.as_str()),
+                )
+            })
+            .collect();
         let required = rules
             .iter()
             .map(|r| {
@@ -229,7 +251,11 @@ impl RuleSet {
                     .collect()
             })
             .collect();
-        RuleSet { rules, ids, required }
+        RuleSet {
+            rules,
+            ids,
+            required,
+        }
     }
 
     pub fn rules(&self) -> &[CompiledRule] {
@@ -253,7 +279,11 @@ impl RuleSet {
                 Verdict::Disabled
             } else if r.expires_at.is_some_and(|e| e <= now) {
                 Verdict::Expired
-            } else if indexed && self.required[i].iter().any(|(f, v)| field_value(alert, f) != v) {
+            } else if indexed
+                && self.required[i]
+                    .iter()
+                    .any(|(f, v)| field_value(alert, f) != v)
+            {
                 Verdict::ConditionFalse
             } else {
                 let scope = scope.get_or_insert_with(|| {
@@ -270,7 +300,11 @@ impl RuleSet {
             if verdict == Verdict::Matched && r.rule.terminal {
                 stopped_by = Some(r.rule.id.clone());
             }
-            lines.push(RuleLine { rule_id: self.ids[i].0.clone(), name: self.ids[i].1.clone(), verdict });
+            lines.push(RuleLine {
+                rule_id: self.ids[i].0.clone(),
+                name: self.ids[i].1.clone(),
+                verdict,
+            });
         }
         Evaluation { lines }
     }
@@ -299,7 +333,10 @@ mod tests {
             account: None,
             region: None,
             resources: vec![],
-            entities: Entities { ips: vec!["198.51.100.7".into()], ..Default::default() },
+            entities: Entities {
+                ips: vec!["198.51.100.7".into()],
+                ..Default::default()
+            },
             first_seen: None,
             last_seen: None,
             created_at: None,
@@ -326,7 +363,10 @@ mod tests {
     }
 
     fn compiled(rules: Vec<Rule>) -> Vec<CompiledRule> {
-        let mut c: Vec<_> = rules.into_iter().map(|r| r.compile(&|_| true).unwrap()).collect();
+        let mut c: Vec<_> = rules
+            .into_iter()
+            .map(|r| r.compile(&|_| true).unwrap())
+            .collect();
         sort(&mut c);
         c
     }
@@ -348,14 +388,38 @@ mod tests {
             off,
             reco,
         ]);
-        let ev = evaluate(&rules, &alert("SQL injection attempt", Severity::High), 1_700_000_000_000);
+        let ev = evaluate(
+            &rules,
+            &alert("SQL injection attempt", Severity::High),
+            1_700_000_000_000,
+        );
         let order: Vec<&str> = ev.lines.iter().map(|l| &*l.rule_id).collect();
-        assert_eq!(order, ["off", "old", "reco", "a-high", "b-high", "sql", "broken"]);
+        assert_eq!(
+            order,
+            ["off", "old", "reco", "a-high", "b-high", "sql", "broken"]
+        );
         let verdicts: Vec<String> = ev.lines.iter().map(|l| l.verdict.to_string()).collect();
-        assert_eq!(verdicts[..6], ["disabled", "expired", "rule is for the other trigger kind", "matched", "matched", "matched"]);
-        assert!(verdicts[6].starts_with("condition could not be evaluated"), "{verdicts:?}");
+        assert_eq!(
+            verdicts[..6],
+            [
+                "disabled",
+                "expired",
+                "rule is for the other trigger kind",
+                "matched",
+                "matched",
+                "matched"
+            ]
+        );
+        assert!(
+            verdicts[6].starts_with("condition could not be evaluated"),
+            "{verdicts:?}"
+        );
         assert_eq!(ev.runs(&rules).len(), 3);
-        let low = evaluate(&rules, &alert("port probe", Severity::Low), 1_700_000_000_000);
+        let low = evaluate(
+            &rules,
+            &alert("port probe", Severity::Low),
+            1_700_000_000_000,
+        );
         assert!(low.runs(&rules).is_empty());
     }
 
@@ -365,7 +429,10 @@ mod tests {
         first.terminal = true;
         let rules = compiled(vec![first, rule("second", 2, "true")]);
         let ev = evaluate(&rules, &alert("x", Severity::High), 0);
-        assert_eq!(ev.runs(&rules), vec![("first".to_string(), "pb-first".to_string())]);
+        assert_eq!(
+            ev.runs(&rules),
+            vec![("first".to_string(), "pb-first".to_string())]
+        );
         assert_eq!(ev.lines[1].verdict, Verdict::AfterTerminal("first".into()));
     }
 
@@ -375,10 +442,22 @@ mod tests {
         r.expires = Some("tomorrow".into());
         r.playbooks = vec!["ghost".into()];
         let p = r.compile(&|id| id != "ghost").unwrap_err().to_string();
-        for needle in ["id: `Bad id!`", "unknown playbook `ghost`", "condition: cannot parse", "expires: `tomorrow`"] {
+        for needle in [
+            "id: `Bad id!`",
+            "unknown playbook `ghost`",
+            "condition: cannot parse",
+            "expires: `tomorrow`",
+        ] {
             assert!(p.contains(needle), "{needle} in {p}");
         }
-        let p = Rule::parse("id: x\nname: y\ntrigger: alert\ncondition: 'true'\nplaybooks: [a]\nordr: 3", Some("r.yaml")).unwrap_err();
-        assert!(p.to_string().starts_with("r.yaml: unknown field `ordr`"), "{p}");
+        let p = Rule::parse(
+            "id: x\nname: y\ntrigger: alert\ncondition: 'true'\nplaybooks: [a]\nordr: 3",
+            Some("r.yaml"),
+        )
+        .unwrap_err();
+        assert!(
+            p.to_string().starts_with("r.yaml: unknown field `ordr`"),
+            "{p}"
+        );
     }
 }

@@ -58,7 +58,10 @@ impl StepStatus {
     pub fn is_terminal(self) -> bool {
         matches!(
             self,
-            StepStatus::Succeeded | StepStatus::Failed | StepStatus::Skipped | StepStatus::Cancelled
+            StepStatus::Succeeded
+                | StepStatus::Failed
+                | StepStatus::Skipped
+                | StepStatus::Cancelled
         )
     }
 
@@ -67,9 +70,14 @@ impl StepStatus {
         use StepStatus::*;
         matches!(
             (self, to),
-            (Pending, Queued | Running | Succeeded | Failed | Skipped | Cancelled)
-                | (Queued, Running | Cancelled)
-                | (Running, Succeeded | Failed | Waiting | Queued | Cancelled | Running)
+            (
+                Pending,
+                Queued | Running | Succeeded | Failed | Skipped | Cancelled
+            ) | (Queued, Running | Cancelled)
+                | (
+                    Running,
+                    Succeeded | Failed | Waiting | Queued | Cancelled | Running
+                )
                 | (Waiting, Succeeded | Failed | Cancelled | Running)
         )
     }

@@ -15,7 +15,7 @@ use sha2::{Digest, Sha256};
 
 use crate::approval::{Claims, Signer, TokenError, nonce_hash, same_hash};
 use crate::connector::{Builtins, Connections, connections_used};
-use crate::engine::{Claim, DecideError, Effects, Engine, IssuedLinks, Outcome, Work};
+use crate::engine::{Answer, Claim, DecideError, Effects, Engine, IssuedLinks, Outcome, Work};
 use crate::event;
 use crate::http::{HttpError, HttpRequest};
 use crate::model::{Alert, AlertKind, Millis};
@@ -165,8 +165,14 @@ fn outcome_of(result: Result<crate::http::HttpResponse, HttpError>) -> Outcome {
                 .collect();
             Outcome::Done(json!({"status": r.status, "headers": headers, "body": r.body}))
         }
-        Err(HttpError::Retryable(m)) => Outcome::Failed { message: m, retryable: true },
-        Err(HttpError::Terminal(m)) => Outcome::Failed { message: m, retryable: false },
+        Err(HttpError::Retryable(m)) => Outcome::Failed {
+            message: m,
+            retryable: true,
+        },
+        Err(HttpError::Terminal(m)) => Outcome::Failed {
+            message: m,
+            retryable: false,
+        },
     }
 }
 
@@ -198,9 +204,15 @@ impl Service {
             .store
             .get_playbook(id, Some(version))
             .await?
-            .ok_or_else(|| Error::NotFound(format!("playbook `{id}` version {version} not found")))?;
-        let p = Arc::new(playbook::compile(stored.spec, version, &Builtins).map_err(Error::Invalid)?);
-        self.playbooks.lock().map_err(|_| poisoned())?.insert(key, p.clone());
+            .ok_or_else(|| {
+                Error::NotFound(format!("playbook `{id}` version {version} not found"))
+            })?;
+        let p =
+            Arc::new(playbook::compile(stored.spec, version, &Builtins).map_err(Error::Invalid)?);
+        self.playbooks
+            .lock()
+            .map_err(|_| poisoned())?
+            .insert(key, p.clone());
         Ok(p)
     }
 
@@ -227,7 +239,9 @@ impl Service {
             let id = r.id.clone();
             match r.compile(&|_| true) {
                 Ok(c) => compiled.push(c),
-                Err(p) => tracing::warn!(message = "Stored rule does not compile; skipped.", rule = %id, problems = %p),
+                Err(p) => {
+                    tracing::warn!(message = "Stored rule does not compile; skipped.", rule = %id, problems = %p)
+                }
             }
         }
         let rules = Arc::new(RuleSet::new(compiled));
@@ -251,7 +265,11 @@ impl Service {
             .and_then(Value::as_str)
             .map(str::to_string)
             .unwrap_or_else(|| alerts.first().map(|a| a.id.clone()).unwrap_or_default());
-        let source = event.get("source").and_then(Value::as_str).unwrap_or_default().to_string();
+        let source = event
+            .get("source")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string();
         let now = self.now();
         let rules = self.rules().await?;
         let mut records = Vec::new();
@@ -265,7 +283,10 @@ impl Service {
             alerts: records.clone(),
         };
         self.d.store.put_event(&record).await?;
-        Ok(Ingested { event_id, alerts: records })
+        Ok(Ingested {
+            event_id,
+            alerts: records,
+        })
     }
 
     async fn ingest_alert(
@@ -311,11 +332,14 @@ impl Service {
     pub async fn start_run(&self, playbook_id: &str, input: Value, by: &str) -> Result<Run, Error> {
         let size = serde_json::to_vec(&input).map(|v| v.len()).unwrap_or(0);
         if size > MAX_INPUT_BYTES {
-            return Err(Error::TooLarge(format!("input is {size} bytes; the limit is {MAX_INPUT_BYTES}")));
+            return Err(Error::TooLarge(format!(
+                "input is {size} bytes; the limit is {MAX_INPUT_BYTES}"
+            )));
         }
         let pb = self.latest_playbook(playbook_id).await?;
         let id = self.d.ids.new_id();
-        let (run, fx) = Engine::new(&pb).start(id, Trigger::Manual { by: by.into() }, input, self.now());
+        let (run, fx) =
+            Engine::new(&pb).start(id, Trigger::Manual { by: by.into() }, input, self.now());
         self.d.store.create_run(&run, &fx).await?;
         Ok(run)
     }
@@ -324,9 +348,14 @@ impl Service {
     pub async fn cancel_run(&self, run_id: &str, by: &str) -> Result<Run, Error> {
         for _ in 0..MAX_CONFLICT_RETRIES {
             let (mut run, ver) = self.load(run_id).await?;
-            let pb = self.playbook(&run.playbook_id, run.playbook_version).await?;
+            let pb = self
+                .playbook(&run.playbook_id, run.playbook_version)
+                .await?;
             if !Engine::new(&pb).cancel(&mut run, by, self.now()) {
-                return Err(Error::Conflict(format!("run {run_id} is already {}", run.status.as_str())));
+                return Err(Error::Conflict(format!(
+                    "run {run_id} is already {}",
+                    run.status.as_str()
+                )));
             }
             match self.d.store.save_run(&run, ver, &Effects::default()).await {
                 Ok(()) => return Ok(run),
@@ -334,7 +363,9 @@ impl Service {
                 Err(e) => return Err(e.into()),
             }
         }
-        Err(Error::Unavailable(format!("run {run_id} is too busy to cancel; try again")))
+        Err(Error::Unavailable(format!(
+            "run {run_id} is too busy to cancel; try again"
+        )))
     }
 
     pub async fn load(&self, run_id: &str) -> Result<(Run, u64), Error> {
@@ -366,7 +397,9 @@ impl Service {
             tracing::warn!(message = "Message for an unknown run dropped.", run_id = %msg.run_id, step = %msg.step);
             return Ok(Handled::Done);
         };
-        let pb = self.playbook(&run.playbook_id, run.playbook_version).await?;
+        let pb = self
+            .playbook(&run.playbook_id, run.playbook_version)
+            .await?;
         let engine = Engine::with_worker(&pb, self.d.config.worker.clone());
         let now = self.now();
         let mut fx = Effects::default();
@@ -377,7 +410,9 @@ impl Service {
                 .and_then(|(i, _)| run.steps.get(i))
                 .and_then(|s| s.iterations.get(msg.iteration as usize))
                 .and_then(|it| it.child_run.clone());
-            let Some(child_id) = child_id else { return Ok(Handled::Done) };
+            let Some(child_id) = child_id else {
+                return Ok(Handled::Done);
+            };
             let Some((child, _)) = self.d.store.load_run(&child_id).await? else {
                 return Ok(Handled::Done);
             };
@@ -419,7 +454,10 @@ impl Service {
                         fx.new_runs.push(child);
                         Outcome::Waiting
                     }
-                    Err(e) => Outcome::Failed { message: e.to_string(), retryable: false },
+                    Err(e) => Outcome::Failed {
+                        message: e.to_string(),
+                        retryable: false,
+                    },
                 };
                 engine.finish(&mut run, msg, outcome, now, &mut fx);
                 self.save(&run, ver, &fx).await?;
@@ -442,7 +480,10 @@ impl Service {
                 for r in reqs {
                     if let Outcome::Failed { message, retryable } = self.send(r).await {
                         return Outcome::Failed {
-                            message: format!("sending the approval through `{}`: {message}", r.connection),
+                            message: format!(
+                                "sending the approval through `{}`: {message}",
+                                r.connection
+                            ),
                             retryable,
                         };
                     }
@@ -450,7 +491,10 @@ impl Service {
                 Outcome::Waiting
             }
             Work::Local(v) => Outcome::Done(v.clone()),
-            Work::StartChild => Outcome::Failed { message: "child runs start in handle".into(), retryable: false },
+            Work::StartChild => Outcome::Failed {
+                message: "child runs start in handle".into(),
+                retryable: false,
+            },
         }
     }
 
@@ -471,7 +515,9 @@ impl Service {
                 Some(r) => r,
                 None => return Ok(Handled::Done),
             };
-            let pb = self.playbook(&run.playbook_id, run.playbook_version).await?;
+            let pb = self
+                .playbook(&run.playbook_id, run.playbook_version)
+                .await?;
             let mut fx = Effects::default();
             if !Engine::new(&pb).finish(&mut run, msg, outcome.clone(), self.now(), &mut fx) {
                 return Ok(Handled::Done);
@@ -482,17 +528,29 @@ impl Service {
                 Err(e) => return Err(e.into()),
             }
         }
-        Ok(Handled::Retry { delay_ms: 100, reason: "could not record the outcome".into() })
-    }
-
-    async fn save(&self, run: &Run, ver: u64, fx: &Effects) -> Result<(), Error> {
-        self.d.store.save_run(run, ver, fx).await.map_err(|e| match e {
-            StoreError::Conflict(m) => Error::Conflict(m),
-            e => e.into(),
+        Ok(Handled::Retry {
+            delay_ms: 100,
+            reason: "could not record the outcome".into(),
         })
     }
 
-    fn issue_links(&self, msg: &StepMessage, a: &crate::playbook::Approval, now: Millis) -> IssuedLinks {
+    async fn save(&self, run: &Run, ver: u64, fx: &Effects) -> Result<(), Error> {
+        self.d
+            .store
+            .save_run(run, ver, fx)
+            .await
+            .map_err(|e| match e {
+                StoreError::Conflict(m) => Error::Conflict(m),
+                e => e.into(),
+            })
+    }
+
+    fn issue_links(
+        &self,
+        msg: &StepMessage,
+        a: &crate::playbook::Approval,
+        now: Millis,
+    ) -> IssuedLinks {
         let nonce = self.d.ids.nonce();
         let mut links = serde_json::Map::new();
         for choice in &a.choices {
@@ -507,19 +565,28 @@ impl Service {
             });
             links.insert(
                 choice.clone(),
-                Value::String(format!("{}/approvals/{token}", self.d.config.public_url.trim_end_matches('/'))),
+                Value::String(format!(
+                    "{}/approvals/{token}",
+                    self.d.config.public_url.trim_end_matches('/')
+                )),
             );
         }
-        IssuedLinks { nonce_hash: nonce_hash(&nonce), links }
+        IssuedLinks {
+            nonce_hash: nonce_hash(&nonce),
+            links,
+        }
     }
 
     // ----- approvals -----
 
     async fn approval_of(&self, token: &str) -> Result<(Claims, Run, u64, ApprovalView), Error> {
         let claims = self.d.signer.verify(token).map_err(|e| match e {
-            TokenError::Malformed | TokenError::BadSignature => Error::Forbidden(format!("{e}: it was altered or not issued by this Riposte")),
+            TokenError::Malformed | TokenError::BadSignature => {
+                Error::Forbidden(format!("{e}: it was altered or not issued by this Riposte"))
+            }
         })?;
-        let forged = || Error::Forbidden("this approval link does not belong to a current approval".into());
+        let forged =
+            || Error::Forbidden("this approval link does not belong to a current approval".into());
         let (run, ver) = self.d.store.load_run(&claims.r).await?.ok_or_else(forged)?;
         let it = run
             .steps
@@ -548,7 +615,10 @@ impl Service {
     pub async fn approval_view(&self, token: &str) -> Result<ApprovalView, Error> {
         let (claims, run, _, view) = self.approval_of(token).await?;
         if let Some(d) = &view.decided {
-            return Err(Error::Conflict(format!("already answered: `{}` by {}", d.choice, d.by)));
+            return Err(Error::Conflict(format!(
+                "already answered: `{}` by {}",
+                d.choice, d.by
+            )));
         }
         if run.status.is_terminal() {
             return Err(Error::Gone(format!("the run is {}", run.status.as_str())));
@@ -568,19 +638,37 @@ impl Service {
         let who = match by.map(str::trim).filter(|s| !s.is_empty()) {
             Some(name) => {
                 if !claims.a.is_empty() && !claims.a.iter().any(|a| a.eq_ignore_ascii_case(name)) {
-                    return Err(Error::Forbidden(format!("{name} is not an approver of this step")));
+                    return Err(Error::Forbidden(format!(
+                        "{name} is not an approver of this step"
+                    )));
                 }
                 name.to_string()
             }
             None => "approval link".to_string(),
         };
-        self.decide_at(&claims.r, &claims.s, claims.i, &claims.c, &who, Some(&claims.n)).await
+        self.decide_at(
+            &claims.r,
+            &claims.s,
+            claims.i,
+            &claims.c,
+            &who,
+            Some(&claims.n),
+        )
+        .await
     }
 
     /// An authenticated operator answers an approval of a run (the `riposte approve` path).
     /// Named approvers, when the approval has any, are enforced.
-    pub async fn decide_as(&self, run_id: &str, step: &str, iteration: u32, choice: &str, by: &str) -> Result<ApprovalView, Error> {
-        self.decide_at(run_id, step, iteration, choice, by, None).await
+    pub async fn decide_as(
+        &self,
+        run_id: &str,
+        step: &str,
+        iteration: u32,
+        choice: &str,
+        by: &str,
+    ) -> Result<ApprovalView, Error> {
+        self.decide_at(run_id, step, iteration, choice, by, None)
+            .await
     }
 
     async fn decide_at(
@@ -600,25 +688,53 @@ impl Service {
                 .find(|s| s.id == step)
                 .and_then(|s| s.iterations.get(iteration as usize))
                 .and_then(|it| it.approval.clone())
-                .ok_or_else(|| Error::NotFound(format!("no approval at step `{step}` iteration {iteration} of run {run_id}")))?;
+                .ok_or_else(|| {
+                    Error::NotFound(format!(
+                        "no approval at step `{step}` iteration {iteration} of run {run_id}"
+                    ))
+                })?;
             match nonce {
                 Some(n) if !same_hash(&ap.nonce_hash, &nonce_hash(n)) => {
-                    return Err(Error::Forbidden("this approval link does not belong to a current approval".into()));
+                    return Err(Error::Forbidden(
+                        "this approval link does not belong to a current approval".into(),
+                    ));
                 }
-                None if !ap.approvers.is_empty() && !ap.approvers.iter().any(|a| a.eq_ignore_ascii_case(who)) => {
-                    return Err(Error::Forbidden(format!("{who} is not an approver of this step")));
+                None if !ap.approvers.is_empty()
+                    && !ap.approvers.iter().any(|a| a.eq_ignore_ascii_case(who)) =>
+                {
+                    return Err(Error::Forbidden(format!(
+                        "{who} is not an approver of this step"
+                    )));
                 }
                 _ => {}
             }
-            let pb = self.playbook(&run.playbook_id, run.playbook_version).await?;
+            let pb = self
+                .playbook(&run.playbook_id, run.playbook_version)
+                .await?;
             let mut fx = Effects::default();
             let now = self.now();
-            match Engine::new(&pb).decide(&mut run, step, iteration, choice, who, now, &mut fx) {
+            match Engine::new(&pb).decide(
+                &mut run,
+                &Answer {
+                    step,
+                    iteration,
+                    choice,
+                    by: who,
+                },
+                now,
+                &mut fx,
+            ) {
                 Ok(()) => {}
-                Err(e @ DecideError::AlreadyDecided { .. }) => return Err(Error::Conflict(e.to_string())),
-                Err(e @ (DecideError::Closed(_) | DecideError::Expired)) => return Err(Error::Gone(e.to_string())),
+                Err(e @ DecideError::AlreadyDecided { .. }) => {
+                    return Err(Error::Conflict(e.to_string()));
+                }
+                Err(e @ (DecideError::Closed(_) | DecideError::Expired)) => {
+                    return Err(Error::Gone(e.to_string()));
+                }
                 Err(e @ DecideError::BadChoice(_)) => return Err(Error::BadRequest(e.to_string())),
-                Err(e @ (DecideError::NotAllowed(_) | DecideError::NotFound)) => return Err(Error::Forbidden(e.to_string())),
+                Err(e @ (DecideError::NotAllowed(_) | DecideError::NotFound)) => {
+                    return Err(Error::Forbidden(e.to_string()));
+                }
             }
             match self.d.store.save_run(&run, ver, &fx).await {
                 Ok(()) => {
@@ -631,7 +747,12 @@ impl Service {
                         choice: choice.into(),
                         choices: ap.choices.clone(),
                         expires_at: ap.expires_at,
-                        decided: Some(crate::run::Decision { choice: choice.into(), by: who.into(), at: now, expired: false }),
+                        decided: Some(crate::run::Decision {
+                            choice: choice.into(),
+                            by: who.into(),
+                            at: now,
+                            expired: false,
+                        }),
                     });
                 }
                 Err(StoreError::Conflict(_)) => continue,
@@ -644,7 +765,11 @@ impl Service {
     // ----- administration -----
 
     /// Validates and stores a playbook as a new version.
-    pub async fn put_playbook(&self, spec: PlaybookSpec, by: &str) -> Result<StoredPlaybook, Error> {
+    pub async fn put_playbook(
+        &self,
+        spec: PlaybookSpec,
+        by: &str,
+    ) -> Result<StoredPlaybook, Error> {
         let pb = playbook::compile(spec.clone(), 0, &Builtins).map_err(Error::Invalid)?;
         let missing: Vec<playbook::Problem> = connections_used(&pb)
             .into_iter()
@@ -677,8 +802,20 @@ impl Service {
         }
         let now = self.now();
         let version = self.d.store.put_playbook(&spec, by, now).await?;
-        self.audit(by, "playbook.put", &spec.id, Some(format!("version {version}"))).await?;
-        Ok(StoredPlaybook { spec, version, created_by: by.into(), created_at: now, deleted: false })
+        self.audit(
+            by,
+            "playbook.put",
+            &spec.id,
+            Some(format!("version {version}")),
+        )
+        .await?;
+        Ok(StoredPlaybook {
+            spec,
+            version,
+            created_by: by.into(),
+            created_at: now,
+            deleted: false,
+        })
     }
 
     pub async fn delete_playbook(&self, id: &str, by: &str) -> Result<(), Error> {
@@ -698,10 +835,19 @@ impl Service {
         }
         r.updated_by = Some(by.into());
         r.updated_at = Some(self.now());
-        let compiled = r.clone().compile(&|id| known.iter().any(|k| k == id)).map_err(Error::Invalid)?;
+        let compiled = r
+            .clone()
+            .compile(&|id| known.iter().any(|k| k == id))
+            .map_err(Error::Invalid)?;
         self.d.store.put_rule(&compiled.rule).await?;
         self.forget_rules();
-        self.audit(by, "rule.put", &r.id, Some(format!("enabled={}", r.enabled))).await?;
+        self.audit(
+            by,
+            "rule.put",
+            &r.id,
+            Some(format!("enabled={}", r.enabled)),
+        )
+        .await?;
         Ok(compiled.rule)
     }
 
@@ -724,10 +870,22 @@ impl Service {
         self.audit(by, "rule.delete", id, None).await
     }
 
-    async fn audit(&self, by: &str, action: &str, target: &str, detail: Option<String>) -> Result<(), Error> {
+    async fn audit(
+        &self,
+        by: &str,
+        action: &str,
+        target: &str,
+        detail: Option<String>,
+    ) -> Result<(), Error> {
         self.d
             .store
-            .append_audit(&AuditEntry { at: self.now(), by: by.into(), action: action.into(), target: target.into(), detail })
+            .append_audit(&AuditEntry {
+                at: self.now(),
+                by: by.into(),
+                action: action.into(),
+                target: target.into(),
+                detail,
+            })
             .await
             .map_err(Into::into)
     }

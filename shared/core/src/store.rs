@@ -84,9 +84,18 @@ pub struct AuditEntry {
 #[async_trait]
 pub trait Store: Send + Sync {
     /// Stores a new version (latest + 1) unless it equals the latest, whose version it returns.
-    async fn put_playbook(&self, spec: &PlaybookSpec, by: &str, at: Millis) -> Result<u32, StoreError>;
+    async fn put_playbook(
+        &self,
+        spec: &PlaybookSpec,
+        by: &str,
+        at: Millis,
+    ) -> Result<u32, StoreError>;
     /// A version, or the latest live one when `version` is `None`.
-    async fn get_playbook(&self, id: &str, version: Option<u32>) -> Result<Option<StoredPlaybook>, StoreError>;
+    async fn get_playbook(
+        &self,
+        id: &str,
+        version: Option<u32>,
+    ) -> Result<Option<StoredPlaybook>, StoreError>;
     /// The latest version of every live playbook.
     async fn list_playbooks(&self) -> Result<Vec<StoredPlaybook>, StoreError>;
     /// Marks a playbook deleted: no new run starts; versions stay for the runs that pinned them.
@@ -104,7 +113,11 @@ pub trait Store: Send + Sync {
     async fn load_run(&self, id: &str) -> Result<Option<(Run, u64)>, StoreError>;
     /// See the module guarantee.
     async fn save_run(&self, run: &Run, version: u64, fx: &Effects) -> Result<(), StoreError>;
-    async fn list_runs(&self, limit: usize, status: Option<RunStatus>) -> Result<Vec<RunSummary>, StoreError>;
+    async fn list_runs(
+        &self,
+        limit: usize,
+        status: Option<RunStatus>,
+    ) -> Result<Vec<RunSummary>, StoreError>;
 
     async fn put_event(&self, record: &EventRecord) -> Result<(), StoreError>;
     async fn get_event(&self, id: &str) -> Result<Option<EventRecord>, StoreError>;

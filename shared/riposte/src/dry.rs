@@ -38,32 +38,63 @@ fn describe_auth(auth: &Auth) -> String {
     match auth {
         Auth::None => "none".into(),
         Auth::Bearer { token } => format!("bearer token from secret `{}`", token.secret),
-        Auth::Basic { username, password } => format!("basic, user `{username}`, password from secret `{}`", password.secret),
-        Auth::ApiKey { header, query, key, .. } => format!(
+        Auth::Basic { username, password } => format!(
+            "basic, user `{username}`, password from secret `{}`",
+            password.secret
+        ),
+        Auth::ApiKey {
+            header, query, key, ..
+        } => format!(
             "API key in {} from secret `{}`",
-            header.as_deref().map(|h| format!("header {h}")).or(query.as_deref().map(|q| format!("query {q}"))).unwrap_or_default(),
+            header
+                .as_deref()
+                .map(|h| format!("header {h}"))
+                .or(query.as_deref().map(|q| format!("query {q}")))
+                .unwrap_or_default(),
             key.secret
         ),
-        Auth::AwsSigv4 { service, region } => format!("AWS SigV4 for {service} in {region}, with the host's AWS credentials"),
-        Auth::Oauth2ClientCredentials { token_url, client_id, client_secret, .. } => {
-            format!("OAuth2 client credentials at {token_url}, client `{client_id}`, secret `{}`", client_secret.secret)
+        Auth::AwsSigv4 { service, region } => {
+            format!("AWS SigV4 for {service} in {region}, with the host's AWS credentials")
+        }
+        Auth::Oauth2ClientCredentials {
+            token_url,
+            client_id,
+            client_secret,
+            ..
+        } => {
+            format!(
+                "OAuth2 client credentials at {token_url}, client `{client_id}`, secret `{}`",
+                client_secret.secret
+            )
         }
     }
 }
 
 #[async_trait]
 impl HttpSender for DryRunSender {
-    async fn send(&self, connection: &Connection, request: &HttpRequest) -> Result<HttpResponse, HttpError> {
+    async fn send(
+        &self,
+        connection: &Connection,
+        request: &HttpRequest,
+    ) -> Result<HttpResponse, HttpError> {
         let n = self.count.fetch_add(1, Ordering::SeqCst) + 1;
         let r = redacted(request);
         let mut url = format!("{}{}", connection.base_url.trim_end_matches('/'), r.path);
         if !r.query.is_empty() {
-            let q: Vec<String> = r.query.iter().map(|(k, v)| format!("{k}={}", url_encode(v))).collect();
+            let q: Vec<String> = r
+                .query
+                .iter()
+                .map(|(k, v)| format!("{k}={}", url_encode(v)))
+                .collect();
             url.push('?');
             url.push_str(&q.join("&"));
         }
         println!("\n#{n} {} {url}", r.method);
-        println!("   connection: {} (auth: {})", connection.name, describe_auth(&connection.auth));
+        println!(
+            "   connection: {} (auth: {})",
+            connection.name,
+            describe_auth(&connection.auth)
+        );
         for (k, v) in connection.headers.iter().chain(r.headers.iter()) {
             println!("   {k}: {v}");
         }
@@ -71,7 +102,12 @@ impl HttpSender for DryRunSender {
             println!("   Idempotency-Key: {k}");
         }
         match &r.body {
-            Some(Body::Json(v)) => println!("   body (json): {}", serde_json::to_string_pretty(v).unwrap_or_default().replace('\n', "\n   ")),
+            Some(Body::Json(v)) => println!(
+                "   body (json): {}",
+                serde_json::to_string_pretty(v)
+                    .unwrap_or_default()
+                    .replace('\n', "\n   ")
+            ),
             Some(Body::Form(f)) => println!("   body (form): {f:?}"),
             Some(Body::Text { content_type, text }) => println!("   body ({content_type}): {text}"),
             None => {}
@@ -79,7 +115,11 @@ impl HttpSender for DryRunSender {
         Ok(HttpResponse {
             status: 200,
             headers: Default::default(),
-            body: self.responses.get(&connection.name).cloned().unwrap_or_else(|| json!({})),
+            body: self
+                .responses
+                .get(&connection.name)
+                .cloned()
+                .unwrap_or_else(|| json!({})),
         })
     }
 }
@@ -97,36 +137,72 @@ pub async fn run(
 ) -> Result<()> {
     let responses: Option<BTreeMap<String, Value>> = match responses {
         Some(p) => Some(
-            serde_json::from_slice(&std::fs::read(p).with_context(|| format!("reading {}", p.display()))?)
-                .with_context(|| format!("{}: expected a JSON map of connection name to response body", p.display()))?,
+            serde_json::from_slice(
+                &std::fs::read(p).with_context(|| format!("reading {}", p.display()))?,
+            )
+            .with_context(|| {
+                format!(
+                    "{}: expected a JSON map of connection name to response body",
+                    p.display()
+                )
+            })?,
         ),
         None => None,
     };
-    let text = std::fs::read_to_string(playbook_file).with_context(|| format!("reading {}", playbook_file.display()))?;
-    let spec = riposte_core::playbook::parse_spec(&text, Some(&playbook_file.display().to_string())).map_err(|p| anyhow::anyhow!("{p}"))?;
-    let event: Value = serde_json::from_slice(&std::fs::read(event_file).with_context(|| format!("reading {}", event_file.display()))?)
-        .with_context(|| format!("{} is not valid JSON", event_file.display()))?;
+    let text = std::fs::read_to_string(playbook_file)
+        .with_context(|| format!("reading {}", playbook_file.display()))?;
+    let spec =
+        riposte_core::playbook::parse_spec(&text, Some(&playbook_file.display().to_string()))
+            .map_err(|p| anyhow::anyhow!("{p}"))?;
+    let event: Value = serde_json::from_slice(
+        &std::fs::read(event_file).with_context(|| format!("reading {}", event_file.display()))?,
+    )
+    .with_context(|| format!("{} is not valid JSON", event_file.display()))?;
     let alert = riposte_core::event::normalize(&event)
         .map_err(|e| anyhow::anyhow!("{}: {e}", event_file.display()))?
         .into_iter()
         .next()
         .context("the event holds no alert")?;
     let clock = Arc::new(ManualClock(AtomicI64::new(1_767_225_600_000)));
-    let sender = Arc::new(DryRunSender { responses: responses.unwrap_or_default(), count: AtomicI64::new(0) });
-    let local = build(Path::new(":memory:"), load_connections(connections)?, "https://riposte.invalid".into(), sender.clone(), clock.clone())?;
+    let sender = Arc::new(DryRunSender {
+        responses: responses.unwrap_or_default(),
+        count: AtomicI64::new(0),
+    });
+    let local = build(
+        Path::new(":memory:"),
+        load_connections(connections)?,
+        "https://riposte.invalid".into(),
+        sender.clone(),
+        clock.clone(),
+    )?;
     // Sibling playbooks first, so sub-playbooks resolve.
     if let Some(dir) = playbook_file.parent() {
         for f in yaml_files(dir)? {
             if f != playbook_file
-                && let Ok(s) = riposte_core::playbook::parse_spec(&std::fs::read_to_string(&f)?, None)
+                && let Ok(s) =
+                    riposte_core::playbook::parse_spec(&std::fs::read_to_string(&f)?, None)
             {
                 let _ = local.service.put_playbook(s, "dry-run").await;
             }
         }
     }
-    let pb = local.service.put_playbook(spec, "dry-run").await.map_err(|e| anyhow::anyhow!("{}: {e}", playbook_file.display()))?;
-    println!("dry run of {} v{} on {} ({}: {})", pb.spec.id, pb.version, event_file.display(), alert.id, alert.title);
-    let run = local.service.start_run(&pb.spec.id, json!({ "alert": alert }), "dry-run").await?;
+    let pb = local
+        .service
+        .put_playbook(spec, "dry-run")
+        .await
+        .map_err(|e| anyhow::anyhow!("{}: {e}", playbook_file.display()))?;
+    println!(
+        "dry run of {} v{} on {} ({}: {})",
+        pb.spec.id,
+        pb.version,
+        event_file.display(),
+        alert.id,
+        alert.title
+    );
+    let run = local
+        .service
+        .start_run(&pb.spec.id, json!({ "alert": alert }), "dry-run")
+        .await?;
     let none = HashSet::new();
     for _ in 0..100_000 {
         let due = local.store.due(64, &none)?;
@@ -137,13 +213,27 @@ pub async fn run(
             }
             let open = r.steps.iter().find_map(|s| {
                 s.iterations.iter().enumerate().find_map(|(i, it)| {
-                    it.approval.as_ref().filter(|a| a.decision.is_none()).map(|a| (s.id.clone(), i as u32, a.clone()))
+                    it.approval
+                        .as_ref()
+                        .filter(|a| a.decision.is_none())
+                        .map(|a| (s.id.clone(), i as u32, a.clone()))
                 })
             });
             if let Some((step, i, a)) = open {
-                let c = choice.clone().filter(|c| a.choices.contains(c)).or(a.default.clone()).unwrap_or_else(|| a.choices[0].clone());
-                println!("\n== approval `{step}`: \"{}\" answered `{c}` (dry run)", a.message);
-                let who = a.approvers.first().cloned().unwrap_or_else(|| "dry-run".into());
+                let c = choice
+                    .clone()
+                    .filter(|c| a.choices.contains(c))
+                    .or(a.default.clone())
+                    .unwrap_or_else(|| a.choices[0].clone());
+                println!(
+                    "\n== approval `{step}`: \"{}\" answered `{c}` (dry run)",
+                    a.message
+                );
+                let who = a
+                    .approvers
+                    .first()
+                    .cloned()
+                    .unwrap_or_else(|| "dry-run".into());
                 local.service.decide_as(&run.id, &step, i, &c, &who).await?;
                 continue;
             }
@@ -163,7 +253,10 @@ pub async fn run(
         local.store.ack(&acks)?;
     }
     let (r, _) = local.service.load(&run.id).await?;
-    println!("\n== {} request(s) would be sent; none was.\n", sender.count.load(Ordering::SeqCst));
+    println!(
+        "\n== {} request(s) would be sent; none was.\n",
+        sender.count.load(Ordering::SeqCst)
+    );
     print!("{}", crate::timeline::render(&r));
     if r.status != riposte_core::run::RunStatus::Succeeded {
         bail!("the dry run ended {}", r.status.as_str());

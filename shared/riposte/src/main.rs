@@ -9,7 +9,11 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "riposte", version, about = "Security automation: playbooks that respond to alerts")]
+#[command(
+    name = "riposte",
+    version,
+    about = "Security automation: playbooks that respond to alerts"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -131,7 +135,9 @@ fn init_tracing() {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_env("RIPOSTE_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     let json = std::env::var("RIPOSTE_LOG_FORMAT").is_ok_and(|f| f == "json");
-    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if json {
         b.json().init();
     } else {
@@ -142,10 +148,22 @@ fn init_tracing() {
 fn main() -> Result<()> {
     let cli = Cli::parse();
     init_tracing();
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     rt.block_on(async move {
         match cli.command {
-            Command::Serve { db, listen, infra, connections, public_url, allow_private_egress, workers, secrets_dir, demo } => {
+            Command::Serve {
+                db,
+                listen,
+                infra,
+                connections,
+                public_url,
+                allow_private_egress,
+                workers,
+                secrets_dir,
+                demo,
+            } => {
                 let connections = connections.unwrap_or_else(|| infra.join("connections.yaml"));
                 runtime::serve(runtime::LocalConfig {
                     db,
@@ -162,24 +180,60 @@ fn main() -> Result<()> {
                 .await
             }
             Command::Validate { paths, connections } => cli::validate(paths, connections),
-            Command::Send { file, server } => cli::Client::new(&server.server, server.api_key)?.send(&file).await,
-            Command::Run { playbook, input, event, server } => {
-                cli::Client::new(&server.server, server.api_key)?.run(&playbook, input, event).await
+            Command::Send { file, server } => {
+                cli::Client::new(&server.server, server.api_key)?
+                    .send(&file)
+                    .await
             }
-            Command::Runs { show, status, limit, server } => {
+            Command::Run {
+                playbook,
+                input,
+                event,
+                server,
+            } => {
+                cli::Client::new(&server.server, server.api_key)?
+                    .run(&playbook, input, event)
+                    .await
+            }
+            Command::Runs {
+                show,
+                status,
+                limit,
+                server,
+            } => {
                 let c = cli::Client::new(&server.server, server.api_key)?;
                 match show {
                     Some(RunsCommand::Show { id }) => c.show(&id).await,
                     None => c.list(status, limit).await,
                 }
             }
-            Command::Approve { target, choice, step, iteration, approver, server } => {
+            Command::Approve {
+                target,
+                choice,
+                step,
+                iteration,
+                approver,
+                server,
+            } => {
                 cli::Client::new(&server.server, server.api_key)?
                     .approve(&target, choice, step, iteration, approver)
                     .await
             }
-            Command::Test { playbook, event, choice, connections, responses } => {
-                dry::run(&playbook, &event, choice, &connections, responses.as_deref()).await
+            Command::Test {
+                playbook,
+                event,
+                choice,
+                connections,
+                responses,
+            } => {
+                dry::run(
+                    &playbook,
+                    &event,
+                    choice,
+                    &connections,
+                    responses.as_deref(),
+                )
+                .await
             }
         }
     })

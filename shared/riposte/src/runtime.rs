@@ -32,7 +32,10 @@ pub struct SystemClock;
 
 impl Clock for SystemClock {
     fn now(&self) -> Millis {
-        SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as Millis).unwrap_or(0)
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as Millis)
+            .unwrap_or(0)
     }
 }
 
@@ -88,7 +91,8 @@ pub fn load_connections(path: &Path) -> Result<Connections> {
     if !path.exists() {
         return Ok(Connections::default());
     }
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     Connections::parse(&text, Some(&path.display().to_string())).map_err(|p| anyhow::anyhow!("{p}"))
 }
 
@@ -125,7 +129,9 @@ pub fn build(
     let key = match std::env::var("RIPOSTE_APPROVAL_KEY") {
         Ok(k) if k.len() >= 32 => k.into_bytes(),
         Ok(_) => bail!("RIPOSTE_APPROVAL_KEY must be at least 32 characters"),
-        Err(_) => store.meta_init("approval_key", &hex::encode(random_bytes::<32>()))?.into_bytes(),
+        Err(_) => store
+            .meta_init("approval_key", &hex::encode(random_bytes::<32>()))?
+            .into_bytes(),
     };
     let service = Service::new(Deps {
         store: store.clone(),
@@ -137,10 +143,17 @@ pub fn build(
         config: Config {
             public_url,
             rules_cache_ms: 0,
-            worker: Worker { id: OsIds.new_id(), exclusive: true },
+            worker: Worker {
+                id: OsIds.new_id(),
+                exclusive: true,
+            },
         },
     });
-    Ok(Local { service: Arc::new(service), store, _lock: lock })
+    Ok(Local {
+        service: Arc::new(service),
+        store,
+        _lock: lock,
+    })
 }
 
 /// Loads infra/playbooks and infra/rules into an empty store (the first start).
@@ -172,7 +185,11 @@ pub async fn seed(local: &Local, infra: &Path) -> Result<(usize, usize)> {
     }
     let mut nrules = 0;
     for (file, rule) in rules {
-        local.service.put_rule(rule, "infra").await.map_err(|e| anyhow::anyhow!("{file}: {e}"))?;
+        local
+            .service
+            .put_rule(rule, "infra")
+            .await
+            .map_err(|e| anyhow::anyhow!("{file}: {e}"))?;
         nrules += 1;
     }
     local.store.meta_init("seeded", "1")?;
@@ -332,7 +349,9 @@ pub fn api_keys(cfg: &LocalConfig) -> Result<ApiKeys> {
     match &cfg.api_keys {
         Some(spec) => ApiKeys::parse(spec).map_err(|e| anyhow::anyhow!("RIPOSTE_API_KEYS: {e}")),
         None if cfg.listen.ip().is_loopback() => {
-            tracing::warn!(message = "RIPOSTE_API_KEYS is not set: using the local development keys (loopback only).");
+            tracing::warn!(
+                message = "RIPOSTE_API_KEYS is not set: using the local development keys (loopback only)."
+            );
             Ok(ApiKeys::new()
                 .with(DEV_OPERATOR_KEY, "local-operator", Role::Operator)
                 .with(DEV_CONTRIBUTOR_KEY, "local-contributor", Role::Contributor))
@@ -348,34 +367,57 @@ pub async fn serve(cfg: LocalConfig) -> Result<()> {
         .await
         .with_context(|| format!("listening on {}", cfg.listen))?;
     let addr = listener.local_addr()?;
-    let public_url = cfg.public_url.clone().unwrap_or_else(|| format!("http://{addr}"));
+    let public_url = cfg
+        .public_url
+        .clone()
+        .unwrap_or_else(|| format!("http://{addr}"));
     let mut cfg = cfg;
     if cfg.demo {
         connections = crate::sandbox::redirect(&connections, &format!("http://{addr}"));
         cfg.allow_private_egress = true;
-        println!("demo mode: every connection goes to the sandbox at http://{addr}/sandbox (GET it to read the outbox)");
+        println!(
+            "demo mode: every connection goes to the sandbox at http://{addr}/sandbox (GET it to read the outbox)"
+        );
     }
-    let local = build(&cfg.db, connections, public_url.clone(), sender(&cfg), Arc::new(SystemClock))?;
+    let local = build(
+        &cfg.db,
+        connections,
+        public_url.clone(),
+        sender(&cfg),
+        Arc::new(SystemClock),
+    )?;
     let (np, nr) = seed(&local, &cfg.infra).await?;
     if np + nr > 0 {
         tracing::info!(message = "Loaded examples.", playbooks = np, rules = nr, from = %cfg.infra.display());
     }
-    let state = AppState { service: local.service.clone(), auth: Arc::new(api_keys(&cfg)?) };
+    let state = AppState {
+        service: local.service.clone(),
+        auth: Arc::new(api_keys(&cfg)?),
+    };
     let mut app = riposte_api::router(state);
     if cfg.demo {
         app = app.merge(crate::sandbox::Sandbox::new().router());
     }
     let (stop_tx, stop_rx) = watch::channel(false);
-    let worker = tokio::spawn(run_worker(local.store.clone(), local.service.clone(), cfg.workers, stop_rx));
-    println!("riposte serving on {public_url} (database {})", cfg.db.display());
+    let worker = tokio::spawn(run_worker(
+        local.store.clone(),
+        local.service.clone(),
+        cfg.workers,
+        stop_rx,
+    ));
+    println!(
+        "riposte serving on {public_url} (database {})",
+        cfg.db.display()
+    );
     tracing::info!(message = "Serving.", address = %addr, queued = local.store.queue_len().unwrap_or(0));
     axum::serve(listener, app)
         .with_graceful_shutdown(async {
             let ctrl_c = tokio::signal::ctrl_c();
             #[cfg(unix)]
             {
-                let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                    .expect("installing the SIGTERM handler");
+                let mut term =
+                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                        .expect("installing the SIGTERM handler");
                 tokio::select! { _ = ctrl_c => {}, _ = term.recv() => {} }
             }
             #[cfg(not(unix))]

@@ -45,7 +45,10 @@ pub fn redirect(connections: &Connections, base: &str) -> Connections {
 
 impl Sandbox {
     pub fn new() -> Sandbox {
-        Sandbox { seen: Default::default(), responses: Arc::new(serde_json::from_str(RESPONSES).unwrap_or_default()) }
+        Sandbox {
+            seen: Default::default(),
+            responses: Arc::new(serde_json::from_str(RESPONSES).unwrap_or_default()),
+        }
     }
 
     pub fn router(self) -> Router {
@@ -57,12 +60,23 @@ impl Sandbox {
 }
 
 async fn list(State(s): State<Sandbox>) -> Json<Value> {
-    Json(Value::Array(s.seen.lock().map(|v| v.clone()).unwrap_or_default()))
+    Json(Value::Array(
+        s.seen.lock().map(|v| v.clone()).unwrap_or_default(),
+    ))
 }
 
-async fn receive(State(s): State<Sandbox>, Path((name, rest)): Path<(String, String)>, method: Method, body: Bytes) -> Response {
-    let body: Value = serde_json::from_slice(&body).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&body).into_owned()));
-    println!("[sandbox] {name}: {method} /{rest}\n{}", serde_json::to_string_pretty(&body).unwrap_or_default());
+async fn receive(
+    State(s): State<Sandbox>,
+    Path((name, rest)): Path<(String, String)>,
+    method: Method,
+    body: Bytes,
+) -> Response {
+    let body: Value = serde_json::from_slice(&body)
+        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&body).into_owned()));
+    println!(
+        "[sandbox] {name}: {method} /{rest}\n{}",
+        serde_json::to_string_pretty(&body).unwrap_or_default()
+    );
     if let Ok(mut seen) = s.seen.lock()
         && seen.len() < 10_000
     {

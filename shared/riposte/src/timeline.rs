@@ -35,23 +35,60 @@ fn took(a: Option<Millis>, b: Option<Millis>) -> String {
 
 pub fn render(run: &Run) -> String {
     let mut o = String::new();
-    let _ = writeln!(o, "run {}  playbook {} v{}  status {}", run.id, run.playbook_id, run.playbook_version, run.status.as_str());
+    let _ = writeln!(
+        o,
+        "run {}  playbook {} v{}  status {}",
+        run.id,
+        run.playbook_id,
+        run.playbook_version,
+        run.status.as_str()
+    );
     let trig = match &run.trigger {
-        Trigger::Rule { rule_id, event_id, alert_id } => format!("rule {rule_id} (event {event_id}, alert {alert_id})"),
+        Trigger::Rule {
+            rule_id,
+            event_id,
+            alert_id,
+        } => format!("rule {rule_id} (event {event_id}, alert {alert_id})"),
         Trigger::Manual { by } => format!("manual, by {by}"),
-        Trigger::Child { parent_run, step, .. } => format!("step {step} of run {parent_run}"),
+        Trigger::Child {
+            parent_run, step, ..
+        } => format!("step {step} of run {parent_run}"),
     };
     let _ = writeln!(o, "trigger  {trig}");
-    let _ = writeln!(o, "created  {}   finished {}   took {}", time(run.created_at), run.finished_at.map(time).unwrap_or("-".into()), took(Some(run.created_at), run.finished_at));
+    let _ = writeln!(
+        o,
+        "created  {}   finished {}   took {}",
+        time(run.created_at),
+        run.finished_at.map(time).unwrap_or("-".into()),
+        took(Some(run.created_at), run.finished_at)
+    );
     if let Some(e) = &run.error {
         let _ = writeln!(o, "error    {e}");
     }
-    let _ = writeln!(o, "\n{:<22} {:<10} {:>9} {:>10}", "STEP", "STATUS", "START", "TOOK");
+    let _ = writeln!(
+        o,
+        "\n{:<22} {:<10} {:>9} {:>10}",
+        "STEP", "STATUS", "START", "TOOK"
+    );
     for s in &run.steps {
-        let start = s.started_at.map(|t| format!("+{} ms", t - run.created_at)).unwrap_or("-".into());
-        let _ = writeln!(o, "{:<22} {:<10} {:>9} {:>10}", s.id, s.status.as_str(), start, took(s.started_at, s.finished_at));
+        let start = s
+            .started_at
+            .map(|t| format!("+{} ms", t - run.created_at))
+            .unwrap_or("-".into());
+        let _ = writeln!(
+            o,
+            "{:<22} {:<10} {:>9} {:>10}",
+            s.id,
+            s.status.as_str(),
+            start,
+            took(s.started_at, s.finished_at)
+        );
         for (i, it) in s.iterations.iter().enumerate() {
-            let prefix = if s.looped { format!("  [{i}] ") } else { "  ".into() };
+            let prefix = if s.looped {
+                format!("  [{i}] ")
+            } else {
+                "  ".into()
+            };
             if let Some(item) = &it.item {
                 let _ = writeln!(o, "{prefix}item: {}", short(item, 120));
             }
@@ -62,9 +99,22 @@ pub fn render(run: &Run) -> String {
                 let _ = writeln!(o, "{prefix}input: {}", short(input, 240));
             }
             if let Some(a) = &it.approval {
-                let _ = writeln!(o, "{prefix}approval: {} (choices: {}; expires {})", a.message, a.choices.join(", "), time(a.expires_at));
+                let _ = writeln!(
+                    o,
+                    "{prefix}approval: {} (choices: {}; expires {})",
+                    a.message,
+                    a.choices.join(", "),
+                    time(a.expires_at)
+                );
                 if let Some(d) = &a.decision {
-                    let _ = writeln!(o, "{prefix}answered: {} by {} at {}{}", d.choice, d.by, time(d.at), if d.expired { " (expired)" } else { "" });
+                    let _ = writeln!(
+                        o,
+                        "{prefix}answered: {} by {} at {}{}",
+                        d.choice,
+                        d.by,
+                        time(d.at),
+                        if d.expired { " (expired)" } else { "" }
+                    );
                 }
             }
             if let Some(out) = &it.output {
@@ -87,7 +137,14 @@ pub fn render(run: &Run) -> String {
             (Some(s), _) => s.clone(),
             _ => String::new(),
         };
-        let _ = writeln!(o, "  +{:>7} ms  {:<20} {:<18} {}", h.at - run.created_at, step, h.event, h.detail.clone().unwrap_or_default());
+        let _ = writeln!(
+            o,
+            "  +{:>7} ms  {:<20} {:<18} {}",
+            h.at - run.created_at,
+            step,
+            h.event,
+            h.detail.clone().unwrap_or_default()
+        );
     }
     o
 }

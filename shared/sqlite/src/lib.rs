@@ -111,13 +111,18 @@ impl SqliteStore {
             .map_err(|_| StoreError::Unavailable("database lock poisoned".into()))
     }
 
-    fn write_effects(tx: &rusqlite::Transaction<'_>, now: Millis, fx: &Effects) -> Result<(), StoreError> {
+    fn write_effects(
+        tx: &rusqlite::Transaction<'_>,
+        now: Millis,
+        fx: &Effects,
+    ) -> Result<(), StoreError> {
         {
             let mut q = tx
                 .prepare_cached("INSERT INTO queue (visible_at, body) VALUES (?1, ?2)")
                 .map_err(unavailable)?;
             for (msg, delay) in &fx.messages {
-                q.execute(params![now + *delay as Millis, to_json(msg)?]).map_err(unavailable)?;
+                q.execute(params![now + *delay as Millis, to_json(msg)?])
+                    .map_err(unavailable)?;
             }
         }
         for child in &fx.new_runs {
@@ -149,14 +154,20 @@ impl SqliteStore {
     // ----- the queue (local host only) -----
 
     /// Up to `limit` messages visible now, oldest first, excluding rows in `skip` (in flight).
-    pub fn due(&self, limit: usize, skip: &std::collections::HashSet<i64>) -> Result<Vec<Delivery>, StoreError> {
+    pub fn due(
+        &self,
+        limit: usize,
+        skip: &std::collections::HashSet<i64>,
+    ) -> Result<Vec<Delivery>, StoreError> {
         let now = self.clock.now();
         let conn = self.lock()?;
         let mut stmt = conn
             .prepare_cached("SELECT seq, body FROM queue WHERE visible_at <= ?1 ORDER BY visible_at, seq LIMIT ?2")
             .map_err(unavailable)?;
         let rows = stmt
-            .query_map(params![now, (limit + skip.len()) as i64], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))
+            .query_map(params![now, (limit + skip.len()) as i64], |r| {
+                Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
+            })
             .map_err(unavailable)?;
         let mut out = Vec::new();
         for row in rows {
@@ -164,7 +175,10 @@ impl SqliteStore {
             if skip.contains(&seq) {
                 continue;
             }
-            out.push(Delivery { seq, message: from_json("queue message", &body)? });
+            out.push(Delivery {
+                seq,
+                message: from_json("queue message", &body)?,
+            });
             if out.len() >= limit {
                 break;
             }
@@ -175,8 +189,10 @@ impl SqliteStore {
     /// When the next message becomes visible, if any is queued.
     pub fn next_visible_at(&self) -> Result<Option<Millis>, StoreError> {
         let conn = self.lock()?;
-        conn.query_row("SELECT MIN(visible_at) FROM queue", [], |r| r.get::<_, Option<Millis>>(0))
-            .map_err(unavailable)
+        conn.query_row("SELECT MIN(visible_at) FROM queue", [], |r| {
+            r.get::<_, Option<Millis>>(0)
+        })
+        .map_err(unavailable)
     }
 
     /// Deletes handled messages.
@@ -184,7 +200,9 @@ impl SqliteStore {
         let mut conn = self.lock()?;
         let tx = conn.transaction().map_err(unavailable)?;
         {
-            let mut stmt = tx.prepare_cached("DELETE FROM queue WHERE seq = ?1").map_err(unavailable)?;
+            let mut stmt = tx
+                .prepare_cached("DELETE FROM queue WHERE seq = ?1")
+                .map_err(unavailable)?;
             for s in seqs {
                 stmt.execute([s]).map_err(unavailable)?;
             }
@@ -196,7 +214,10 @@ impl SqliteStore {
     pub fn delay(&self, seq: i64, delay_ms: u64) -> Result<(), StoreError> {
         let at = self.clock.now() + delay_ms as Millis;
         self.lock()?
-            .execute("UPDATE queue SET visible_at = ?1 WHERE seq = ?2", params![at, seq])
+            .execute(
+                "UPDATE queue SET visible_at = ?1 WHERE seq = ?2",
+                params![at, seq],
+            )
             .map_err(unavailable)?;
         Ok(())
     }
@@ -220,8 +241,11 @@ impl SqliteStore {
     /// Sets a meta value only if it is not set; returns the value in force.
     pub fn meta_init(&self, key: &str, value: &str) -> Result<String, StoreError> {
         let conn = self.lock()?;
-        conn.execute("INSERT OR IGNORE INTO meta (key, value) VALUES (?1, ?2)", params![key, value])
-            .map_err(unavailable)?;
+        conn.execute(
+            "INSERT OR IGNORE INTO meta (key, value) VALUES (?1, ?2)",
+            params![key, value],
+        )
+        .map_err(unavailable)?;
         conn.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
             .map_err(unavailable)
     }
@@ -229,19 +253,32 @@ impl SqliteStore {
 
 #[async_trait]
 impl Store for SqliteStore {
-    async fn put_playbook(&self, spec: &PlaybookSpec, by: &str, at: Millis) -> Result<u32, StoreError> {
+    async fn put_playbook(
+        &self,
+        spec: &PlaybookSpec,
+        by: &str,
+        at: Millis,
+    ) -> Result<u32, StoreError> {
         let body = to_json(spec)?;
         let mut conn = self.lock()?;
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(unavailable)?;
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(unavailable)?;
         let latest: Option<(u32, bool)> = tx
-            .query_row("SELECT latest, deleted FROM playbooks WHERE id = ?1", [&spec.id], |r| {
-                Ok((r.get(0)?, r.get::<_, i64>(1)? != 0))
-            })
+            .query_row(
+                "SELECT latest, deleted FROM playbooks WHERE id = ?1",
+                [&spec.id],
+                |r| Ok((r.get(0)?, r.get::<_, i64>(1)? != 0)),
+            )
             .optional()
             .map_err(unavailable)?;
         if let Some((v, deleted)) = latest {
             let current: String = tx
-                .query_row("SELECT spec FROM playbook_versions WHERE id = ?1 AND version = ?2", params![spec.id, v], |r| r.get(0))
+                .query_row(
+                    "SELECT spec FROM playbook_versions WHERE id = ?1 AND version = ?2",
+                    params![spec.id, v],
+                    |r| r.get(0),
+                )
                 .map_err(unavailable)?;
             if current == body && !deleted {
                 return Ok(v);
@@ -263,7 +300,11 @@ impl Store for SqliteStore {
         Ok(version)
     }
 
-    async fn get_playbook(&self, id: &str, version: Option<u32>) -> Result<Option<StoredPlaybook>, StoreError> {
+    async fn get_playbook(
+        &self,
+        id: &str,
+        version: Option<u32>,
+    ) -> Result<Option<StoredPlaybook>, StoreError> {
         let conn = self.lock()?;
         let row = match version {
             Some(v) => conn
@@ -286,7 +327,13 @@ impl Store for SqliteStore {
         }
         .map_err(unavailable)?;
         row.map(|(spec, version, created_by, created_at, deleted)| {
-            Ok(StoredPlaybook { spec: from_json("playbook", &spec)?, version, created_by, created_at, deleted: deleted != 0 })
+            Ok(StoredPlaybook {
+                spec: from_json("playbook", &spec)?,
+                version,
+                created_by,
+                created_at,
+                deleted: deleted != 0,
+            })
         })
         .transpose()
     }
@@ -300,11 +347,19 @@ impl Store for SqliteStore {
             )
             .map_err(unavailable)?;
         let rows = stmt
-            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+            .query_map([], |r| {
+                Ok((r.get::<_, String>(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+            })
             .map_err(unavailable)?;
         rows.map(|row| {
             let (spec, version, created_by, created_at) = row.map_err(unavailable)?;
-            Ok(StoredPlaybook { spec: from_json("playbook", &spec)?, version, created_by, created_at, deleted: false })
+            Ok(StoredPlaybook {
+                spec: from_json("playbook", &spec)?,
+                version,
+                created_by,
+                created_at,
+                deleted: false,
+            })
         })
         .collect()
     }
@@ -312,7 +367,10 @@ impl Store for SqliteStore {
     async fn delete_playbook(&self, id: &str) -> Result<bool, StoreError> {
         let n = self
             .lock()?
-            .execute("UPDATE playbooks SET deleted = 1 WHERE id = ?1 AND deleted = 0", [id])
+            .execute(
+                "UPDATE playbooks SET deleted = 1 WHERE id = ?1 AND deleted = 0",
+                [id],
+            )
             .map_err(unavailable)?;
         Ok(n == 1)
     }
@@ -340,23 +398,32 @@ impl Store for SqliteStore {
     async fn list_rules(&self, trigger: Option<AlertKind>) -> Result<Vec<Rule>, StoreError> {
         let conn = self.lock()?;
         let mut stmt = conn
-            .prepare_cached("SELECT body FROM rules WHERE (?1 IS NULL OR trigger = ?1) ORDER BY ord, id")
+            .prepare_cached(
+                "SELECT body FROM rules WHERE (?1 IS NULL OR trigger = ?1) ORDER BY ord, id",
+            )
             .map_err(unavailable)?;
         let rows = stmt
             .query_map([trigger.map(|t| t.as_str())], |r| r.get::<_, String>(0))
             .map_err(unavailable)?;
-        rows.map(|b| from_json("rule", &b.map_err(unavailable)?)).collect()
+        rows.map(|b| from_json("rule", &b.map_err(unavailable)?))
+            .collect()
     }
 
     async fn delete_rule(&self, id: &str) -> Result<bool, StoreError> {
-        Ok(self.lock()?.execute("DELETE FROM rules WHERE id = ?1", [id]).map_err(unavailable)? == 1)
+        Ok(self
+            .lock()?
+            .execute("DELETE FROM rules WHERE id = ?1", [id])
+            .map_err(unavailable)?
+            == 1)
     }
 
     async fn create_run(&self, run: &Run, fx: &Effects) -> Result<bool, StoreError> {
         let now = self.clock.now();
         let created = {
             let mut conn = self.lock()?;
-            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(unavailable)?;
+            let tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(unavailable)?;
             if !Self::insert_run(&tx, run)? {
                 return Ok(false);
             }
@@ -378,7 +445,8 @@ impl Store for SqliteStore {
             .query_row([id], |r| Ok((r.get(0)?, r.get(1)?)))
             .optional()
             .map_err(unavailable)?;
-        row.map(|(body, v)| Ok((from_json("run", &body)?, v as u64))).transpose()
+        row.map(|(body, v)| Ok((from_json("run", &body)?, v as u64)))
+            .transpose()
     }
 
     async fn save_run(&self, run: &Run, version: u64, fx: &Effects) -> Result<(), StoreError> {
@@ -386,7 +454,9 @@ impl Store for SqliteStore {
         let body = to_json(run)?;
         {
             let mut conn = self.lock()?;
-            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(unavailable)?;
+            let tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(unavailable)?;
             let n = tx
                 .prepare_cached("UPDATE runs SET version = ?1, status = ?2, updated_at = ?3, body = ?4 WHERE id = ?5 AND version = ?6")
                 .map_err(unavailable)?
@@ -404,7 +474,11 @@ impl Store for SqliteStore {
         Ok(())
     }
 
-    async fn list_runs(&self, limit: usize, status: Option<RunStatus>) -> Result<Vec<RunSummary>, StoreError> {
+    async fn list_runs(
+        &self,
+        limit: usize,
+        status: Option<RunStatus>,
+    ) -> Result<Vec<RunSummary>, StoreError> {
         let conn = self.lock()?;
         let mut stmt = conn
             .prepare_cached(
@@ -414,11 +488,19 @@ impl Store for SqliteStore {
             .map_err(unavailable)?;
         let rows = stmt
             .query_map(params![status.map(|s| s.as_str()), limit as i64], |r| {
-                Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, u32>(2)?, r.get::<_, String>(3)?, r.get(4)?, r.get(5)?))
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, u32>(2)?,
+                    r.get::<_, String>(3)?,
+                    r.get(4)?,
+                    r.get(5)?,
+                ))
             })
             .map_err(unavailable)?;
         rows.map(|row| {
-            let (id, playbook_id, playbook_version, status, created_at, updated_at) = row.map_err(unavailable)?;
+            let (id, playbook_id, playbook_version, status, created_at, updated_at) =
+                row.map_err(unavailable)?;
             Ok(RunSummary {
                 id,
                 playbook_id,
@@ -453,15 +535,23 @@ impl Store for SqliteStore {
 
     async fn append_audit(&self, entry: &AuditEntry) -> Result<(), StoreError> {
         self.lock()?
-            .execute("INSERT INTO audit (at, body) VALUES (?1, ?2)", params![entry.at, to_json(entry)?])
+            .execute(
+                "INSERT INTO audit (at, body) VALUES (?1, ?2)",
+                params![entry.at, to_json(entry)?],
+            )
             .map_err(unavailable)?;
         Ok(())
     }
 
     async fn list_audit(&self, limit: usize) -> Result<Vec<AuditEntry>, StoreError> {
         let conn = self.lock()?;
-        let mut stmt = conn.prepare("SELECT body FROM audit ORDER BY seq DESC LIMIT ?1").map_err(unavailable)?;
-        let rows = stmt.query_map([limit as i64], |r| r.get::<_, String>(0)).map_err(unavailable)?;
-        rows.map(|b| from_json("audit", &b.map_err(unavailable)?)).collect()
+        let mut stmt = conn
+            .prepare("SELECT body FROM audit ORDER BY seq DESC LIMIT ?1")
+            .map_err(unavailable)?;
+        let rows = stmt
+            .query_map([limit as i64], |r| r.get::<_, String>(0))
+            .map_err(unavailable)?;
+        rows.map(|b| from_json("audit", &b.map_err(unavailable)?))
+            .collect()
     }
 }

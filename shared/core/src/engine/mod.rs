@@ -62,8 +62,9 @@ pub enum Work {
     Local(Value),
 }
 
-/// What a message means for the run.
+/// What a message means for the run. Short-lived, so its size difference does not matter.
 #[derive(Debug, PartialEq)]
+#[allow(clippy::large_enum_variant)]
 pub enum Claim {
     /// The step is claimed: persist the run (for side effects, before doing them), then do this.
     Execute(Work),
@@ -79,7 +80,10 @@ pub enum Claim {
 #[derive(Clone, Debug, PartialEq)]
 pub enum Outcome {
     Done(Value),
-    Failed { message: String, retryable: bool },
+    Failed {
+        message: String,
+        retryable: bool,
+    },
     /// The step now waits: for an approval, a timer or a child run.
     Waiting,
 }
@@ -112,6 +116,15 @@ pub struct Worker {
     pub exclusive: bool,
 }
 
+/// A human's answer to one approval: which step and iteration, the choice, and who answered.
+#[derive(Clone, Copy, Debug)]
+pub struct Answer<'a> {
+    pub step: &'a str,
+    pub iteration: u32,
+    pub choice: &'a str,
+    pub by: &'a str,
+}
+
 /// The engine over one pinned playbook version.
 pub struct Engine<'a> {
     pub playbook: &'a Playbook,
@@ -125,7 +138,10 @@ fn set_status(st: &mut StepStatus, to: StepStatus) {
 
 impl<'a> Engine<'a> {
     pub fn new(playbook: &'a Playbook) -> Engine<'a> {
-        Engine { playbook, worker: Worker::default() }
+        Engine {
+            playbook,
+            worker: Worker::default(),
+        }
     }
 
     pub fn with_worker(playbook: &'a Playbook, worker: Worker) -> Engine<'a> {
@@ -133,13 +149,7 @@ impl<'a> Engine<'a> {
     }
 
     /// Creates a run and queues its first steps.
-    pub fn start(
-        &self,
-        id: String,
-        trigger: Trigger,
-        input: Value,
-        now: Millis,
-    ) -> (Run, Effects) {
+    pub fn start(&self, id: String, trigger: Trigger, input: Value, now: Millis) -> (Run, Effects) {
         let pb = self.playbook;
         let mut run = Run {
             id,
@@ -170,7 +180,13 @@ impl<'a> Engine<'a> {
             error: None,
             history: vec![],
         };
-        run.log(now, None, None, "run_created", Some(format!("{} v{}", pb.id(), pb.version)));
+        run.log(
+            now,
+            None,
+            None,
+            "run_created",
+            Some(format!("{} v{}", pb.id(), pb.version)),
+        );
         let mut fx = Effects::default();
         match pb.vars.render(&self.scope(&run, None)) {
             Ok(Value::Object(m)) => run.vars = m,
@@ -196,7 +212,11 @@ impl<'a> Engine<'a> {
         s.set("input", &run.input);
         let alert = match &run.trigger {
             Trigger::Rule { .. } => run.input.clone(),
-            _ => run.input.get("alert").cloned().unwrap_or_else(|| run.input.clone()),
+            _ => run
+                .input
+                .get("alert")
+                .cloned()
+                .unwrap_or_else(|| run.input.clone()),
         };
         s.set("alert", &alert);
         s.set("vars", &Value::Object(run.vars.clone()));
@@ -292,8 +312,13 @@ impl<'a> Engine<'a> {
                                     expired: true,
                                 };
                                 ap.decision = Some(d.clone());
-                                run.log(now, Some(&msg.step), Some(msg.iteration), "approval_expired",
-                                    Some(format!("no answer; default `{choice}` taken")));
+                                run.log(
+                                    now,
+                                    Some(&msg.step),
+                                    Some(msg.iteration),
+                                    "approval_expired",
+                                    Some(format!("no answer; default `{choice}` taken")),
+                                );
                                 Outcome::Done(decision_output(&d))
                             }
                             None => Outcome::Failed {
@@ -315,7 +340,9 @@ impl<'a> Engine<'a> {
                 return Claim::Settled;
             }
             MessageKind::ChildFinished => {
-                return Claim::Stale("child results are reported with Engine::child_finished".into());
+                return Claim::Stale(
+                    "child results are reported with Engine::child_finished".into(),
+                );
             }
         }
         // Execute.
@@ -330,8 +357,16 @@ impl<'a> Engine<'a> {
                     return Claim::Busy(until);
                 }
                 _ => {
-                    run.log(now, Some(&msg.step), Some(msg.iteration), "worker_lost",
-                        Some(format!("attempt {} taken over after its lease ended", msg.attempt)));
+                    run.log(
+                        now,
+                        Some(&msg.step),
+                        Some(msg.iteration),
+                        "worker_lost",
+                        Some(format!(
+                            "attempt {} taken over after its lease ended",
+                            msg.attempt
+                        )),
+                    );
                 }
             },
             other => return Claim::Stale(format!("step is {}", other.as_str())),
@@ -346,7 +381,8 @@ impl<'a> Engine<'a> {
             s
         };
         let key = Some(msg.idempotency_key());
-        let lease = now + step.timeout_ms.unwrap_or(DEFAULT_ACTION_TIMEOUT_MS) as Millis + LEASE_GRACE_MS;
+        let lease =
+            now + step.timeout_ms.unwrap_or(DEFAULT_ACTION_TIMEOUT_MS) as Millis + LEASE_GRACE_MS;
         let rendered: Result<(Work, Option<Value>), EvalError> = match &step.kind {
             StepKind::Action { operation, inputs } if operation == HTTP_REQUEST => {
                 render_http(inputs, &scope, key).map(|mut r| {
@@ -391,12 +427,15 @@ impl<'a> Engine<'a> {
                         expires_at: now + a.expires_in_ms as Millis,
                         decision: None,
                     });
-                    Ok((Work::Notify(notify), Some(json!({"message": message, "choices": a.choices}))))
+                    Ok((
+                        Work::Notify(notify),
+                        Some(json!({"message": message, "choices": a.choices})),
+                    ))
                 })(),
             },
-            StepKind::Playbook { id, inputs } => inputs.render(&scope).map(|v| {
-                (Work::StartChild, Some(json!({"playbook": id, "input": v})))
-            }),
+            StepKind::Playbook { id, inputs } => inputs
+                .render(&scope)
+                .map(|v| (Work::StartChild, Some(json!({"playbook": id, "input": v})))),
         };
         let it = &mut run.steps[si].iterations[index as usize];
         set_status(&mut it.status, StepStatus::Running);
@@ -407,14 +446,23 @@ impl<'a> Engine<'a> {
         if run.steps[si].status == StepStatus::Queued {
             set_status(&mut run.steps[si].status, StepStatus::Running);
         }
-        run.log(now, Some(&msg.step), Some(index), "started", Some(format!("attempt {}", msg.attempt)));
+        run.log(
+            now,
+            Some(&msg.step),
+            Some(index),
+            "started",
+            Some(format!("attempt {}", msg.attempt)),
+        );
         match rendered {
             Err(e) => {
                 self.settle(
                     run,
                     si,
                     msg,
-                    Outcome::Failed { message: e.to_string(), retryable: false },
+                    Outcome::Failed {
+                        message: e.to_string(),
+                        retryable: false,
+                    },
                     now,
                     fx,
                 );
@@ -428,19 +476,27 @@ impl<'a> Engine<'a> {
                 match (&step.kind, work) {
                     (StepKind::Wait { .. }, _) => {
                         self.settle(run, si, msg, Outcome::Waiting, now, fx);
-                        return Claim::Settled;
+                        Claim::Settled
                     }
                     (_, Work::Local(v)) => {
                         self.settle(run, si, msg, Outcome::Done(v), now, fx);
-                        return Claim::Settled;
+                        Claim::Settled
                     }
-                    (_, work) => return self.claimed(run, si, msg, now, fx, work),
+                    (_, work) => self.claimed(run, si, msg, now, fx, work),
                 }
             }
         }
     }
 
-    fn claimed(&self, run: &mut Run, si: usize, msg: &StepMessage, now: Millis, fx: &mut Effects, work: Work) -> Claim {
+    fn claimed(
+        &self,
+        run: &mut Run,
+        si: usize,
+        msg: &StepMessage,
+        now: Millis,
+        fx: &mut Effects,
+        work: Work,
+    ) -> Claim {
         if matches!(work, Work::StartChild) {
             run.steps[si].iterations[msg.iteration as usize].child_run =
                 Some(child_run_id(&run.id, msg));
@@ -456,7 +512,12 @@ impl<'a> Engine<'a> {
             return None;
         };
         let it = run.steps[si].iterations.get(msg.iteration as usize)?;
-        let input = it.input.as_ref()?.get("input").cloned().unwrap_or(Value::Null);
+        let input = it
+            .input
+            .as_ref()?
+            .get("input")
+            .cloned()
+            .unwrap_or(Value::Null);
         Some((
             id.clone(),
             input,
@@ -532,14 +593,21 @@ impl<'a> Engine<'a> {
     pub fn decide(
         &self,
         run: &mut Run,
-        step: &str,
-        iteration: u32,
-        choice: &str,
-        by: &str,
+        answer: &Answer<'_>,
         now: Millis,
         fx: &mut Effects,
     ) -> Result<(), DecideError> {
-        let si = self.playbook.step(step).map(|(i, _)| i).ok_or(DecideError::NotFound)?;
+        let Answer {
+            step,
+            iteration,
+            choice,
+            by,
+        } = *answer;
+        let si = self
+            .playbook
+            .step(step)
+            .map(|(i, _)| i)
+            .ok_or(DecideError::NotFound)?;
         let it = run
             .steps
             .get(si)
@@ -547,7 +615,10 @@ impl<'a> Engine<'a> {
             .ok_or(DecideError::NotFound)?;
         let ap = it.approval.as_ref().ok_or(DecideError::NotFound)?;
         if let Some(d) = &ap.decision {
-            return Err(DecideError::AlreadyDecided { choice: d.choice.clone(), by: d.by.clone() });
+            return Err(DecideError::AlreadyDecided {
+                choice: d.choice.clone(),
+                by: d.by.clone(),
+            });
         }
         if run.status.is_terminal() {
             return Err(DecideError::Closed(run.status.as_str().into()));
@@ -567,10 +638,26 @@ impl<'a> Engine<'a> {
         {
             return Err(DecideError::NotAllowed(by.into()));
         }
-        let d = Decision { choice: choice.into(), by: by.into(), at: now, expired: false };
+        let d = Decision {
+            choice: choice.into(),
+            by: by.into(),
+            at: now,
+            expired: false,
+        };
         let attempt = it.attempt;
-        run.steps[si].iterations[iteration as usize].approval.as_mut().map(|a| a.decision = Some(d.clone()));
-        run.log(now, Some(step), Some(iteration), "approval_answered", Some(format!("`{choice}` by {by}")));
+        if let Some(a) = run.steps[si].iterations[iteration as usize]
+            .approval
+            .as_mut()
+        {
+            a.decision = Some(d.clone());
+        }
+        run.log(
+            now,
+            Some(step),
+            Some(iteration),
+            "approval_answered",
+            Some(format!("`{choice}` by {by}")),
+        );
         let msg = StepMessage {
             run_id: run.id.clone(),
             step: step.into(),
@@ -597,7 +684,15 @@ impl<'a> Engine<'a> {
     }
 
     /// Applies an outcome to an iteration (running or waiting) and everything it makes ready.
-    fn settle(&self, run: &mut Run, si: usize, msg: &StepMessage, outcome: Outcome, now: Millis, fx: &mut Effects) {
+    fn settle(
+        &self,
+        run: &mut Run,
+        si: usize,
+        msg: &StepMessage,
+        outcome: Outcome,
+        now: Millis,
+        fx: &mut Effects,
+    ) {
         let step = &self.playbook.steps[si];
         let idx = msg.iteration as usize;
         let step_id = step.id.as_str();
@@ -630,18 +725,26 @@ impl<'a> Engine<'a> {
                         it.approval.as_ref().map(|a| a.expires_at),
                         MessageKind::ApprovalExpired,
                     ),
-                    _ => (step.timeout_ms.map(|t| now + t as Millis), MessageKind::Timeout),
+                    _ => (
+                        step.timeout_ms.map(|t| now + t as Millis),
+                        MessageKind::Timeout,
+                    ),
                 };
                 it.wake_at = wake;
                 if let Some(at) = wake {
                     fx.send(
-                        StepMessage { kind, ..msg.clone() },
+                        StepMessage {
+                            kind,
+                            ..msg.clone()
+                        },
                         (at - now).max(0) as u64,
                     );
                 }
                 let detail = match &step.kind {
                     StepKind::Approval(_) => Some("waiting for an answer".to_string()),
-                    StepKind::Playbook { .. } => it.child_run.as_ref().map(|c| format!("child run {c}")),
+                    StepKind::Playbook { .. } => {
+                        it.child_run.as_ref().map(|c| format!("child run {c}"))
+                    }
                     _ => None,
                 };
                 run.log(now, Some(step_id), Some(msg.iteration), "waiting", detail);
@@ -651,7 +754,10 @@ impl<'a> Engine<'a> {
                 let it = &mut run.steps[si].iterations[idx];
                 it.lease_until = None;
                 it.wake_at = None;
-                if retryable && attempt < step.retry.max_attempts && it.status == StepStatus::Running {
+                if retryable
+                    && attempt < step.retry.max_attempts
+                    && it.status == StepStatus::Running
+                {
                     let delay = step.retry.delay_before(attempt + 1);
                     set_status(&mut it.status, StepStatus::Queued);
                     it.attempt = attempt + 1;
@@ -664,23 +770,49 @@ impl<'a> Engine<'a> {
                         },
                         delay,
                     );
-                    run.log(now, Some(step_id), Some(msg.iteration), "retry_scheduled",
-                        Some(format!("attempt {} failed: {message}; attempt {} in {delay} ms", attempt, attempt + 1)));
+                    run.log(
+                        now,
+                        Some(step_id),
+                        Some(msg.iteration),
+                        "retry_scheduled",
+                        Some(format!(
+                            "attempt {} failed: {message}; attempt {} in {delay} ms",
+                            attempt,
+                            attempt + 1
+                        )),
+                    );
                 } else {
                     set_status(&mut it.status, StepStatus::Failed);
                     it.error = Some(message.clone());
                     it.finished_at = Some(now);
-                    run.log(now, Some(step_id), Some(msg.iteration), "failed", Some(message));
+                    run.log(
+                        now,
+                        Some(step_id),
+                        Some(msg.iteration),
+                        "failed",
+                        Some(message),
+                    );
                 }
             }
         }
-        if run.steps[si].iterations.iter().all(|it| it.status.is_terminal()) {
+        if run.steps[si]
+            .iterations
+            .iter()
+            .all(|it| it.status.is_terminal())
+        {
             self.complete_step(run, si, now, fx);
         } else {
             // Not finished: the step shows whether it is still working or only waiting.
             let st = &mut run.steps[si];
-            let working = st.iterations.iter().any(|it| matches!(it.status, StepStatus::Queued | StepStatus::Running));
-            let to = if working { StepStatus::Running } else { StepStatus::Waiting };
+            let working = st
+                .iterations
+                .iter()
+                .any(|it| matches!(it.status, StepStatus::Queued | StepStatus::Running));
+            let to = if working {
+                StepStatus::Running
+            } else {
+                StepStatus::Waiting
+            };
             if st.status != to {
                 set_status(&mut st.status, to);
             }
@@ -692,12 +824,23 @@ impl<'a> Engine<'a> {
     fn complete_step(&self, run: &mut Run, si: usize, now: Millis, fx: &mut Effects) {
         let step = &self.playbook.steps[si];
         let st = &mut run.steps[si];
-        let failed = st.iterations.iter().find(|it| it.status == StepStatus::Failed);
+        let failed = st
+            .iterations
+            .iter()
+            .find(|it| it.status == StepStatus::Failed);
         let error = failed.and_then(|it| it.error.clone());
         let output = if st.looped {
-            Value::Array(st.iterations.iter().map(|it| it.output.clone().unwrap_or(Value::Null)).collect())
+            Value::Array(
+                st.iterations
+                    .iter()
+                    .map(|it| it.output.clone().unwrap_or(Value::Null))
+                    .collect(),
+            )
         } else {
-            st.iterations.first().and_then(|it| it.output.clone()).unwrap_or(Value::Null)
+            st.iterations
+                .first()
+                .and_then(|it| it.output.clone())
+                .unwrap_or(Value::Null)
         };
         st.output = Some(output.clone());
         st.finished_at = Some(now);
@@ -712,18 +855,31 @@ impl<'a> Engine<'a> {
         } else {
             set_status(&mut st.status, StepStatus::Succeeded);
         }
-        let continued = run.steps[si].status == StepStatus::Succeeded || step.on_error == OnError::Continue;
+        let continued =
+            run.steps[si].status == StepStatus::Succeeded || step.on_error == OnError::Continue;
         if continued && let Some(sw) = &step.switch {
             let mut scope = self.scope(run, None);
             scope.set("output", &output);
             match sw.on.eval(&scope) {
                 Ok(v) => {
                     let text = text_of(&v);
-                    run.log(now, Some(&step.id), None, "switch", Some(format!("took `{text}`")));
+                    run.log(
+                        now,
+                        Some(&step.id),
+                        None,
+                        "switch",
+                        Some(format!("took `{text}`")),
+                    );
                     run.steps[si].switch_value = Some(text);
                 }
                 Err(e) => {
-                    run.log(now, Some(&step.id), None, "switch", Some(format!("no value ({e}); default taken")));
+                    run.log(
+                        now,
+                        Some(&step.id),
+                        None,
+                        "switch",
+                        Some(format!("no value ({e}); default taken")),
+                    );
                     run.steps[si].switch_value = None;
                 }
             }
@@ -743,10 +899,14 @@ impl<'a> Engine<'a> {
             Guard::Case(v) => done && st.switch_value.as_deref() == Some(v.as_str()),
             Guard::Default => {
                 done && src.switch.as_ref().is_some_and(|sw| {
-                    st.switch_value.as_ref().is_none_or(|v| !sw.cases.contains_key(v))
+                    st.switch_value
+                        .as_ref()
+                        .is_none_or(|v| !sw.cases.contains_key(v))
                 })
             }
-            Guard::Error => st.status == StepStatus::Failed && matches!(src.on_error, OnError::Goto(_)),
+            Guard::Error => {
+                st.status == StepStatus::Failed && matches!(src.on_error, OnError::Goto(_))
+            }
         }
     }
 
@@ -756,11 +916,18 @@ impl<'a> Engine<'a> {
             return;
         }
         let step = &self.playbook.steps[si];
-        if step.incoming.iter().any(|e| !run.steps[e.from].status.is_terminal()) {
+        if step
+            .incoming
+            .iter()
+            .any(|e| !run.steps[e.from].status.is_terminal())
+        {
             return;
         }
         let live = step.incoming.is_empty()
-            || step.incoming.iter().any(|e| self.edge_live(run, e.from, &e.guard));
+            || step
+                .incoming
+                .iter()
+                .any(|e| self.edge_live(run, e.from, &e.guard));
         let skip = |run: &mut Run, why: String| {
             set_status(&mut run.steps[si].status, StepStatus::Skipped);
             run.steps[si].finished_at = Some(now);
@@ -795,11 +962,30 @@ impl<'a> Engine<'a> {
             Some(e) => match e.eval(&scope) {
                 Ok(Value::Array(items)) if items.len() <= MAX_ITERATIONS => Some(items),
                 Ok(Value::Array(items)) => {
-                    self.fail_before_start(run, si, format!("for_each: {} items; the limit is {MAX_ITERATIONS}", items.len()), now, fx);
+                    self.fail_before_start(
+                        run,
+                        si,
+                        format!(
+                            "for_each: {} items; the limit is {MAX_ITERATIONS}",
+                            items.len()
+                        ),
+                        now,
+                        fx,
+                    );
                     return;
                 }
                 Ok(other) => {
-                    self.fail_before_start(run, si, format!("for_each: `{}` gave {}, not a list", e.source(), crate::expr::type_name(&other)), now, fx);
+                    self.fail_before_start(
+                        run,
+                        si,
+                        format!(
+                            "for_each: `{}` gave {}, not a list",
+                            e.source(),
+                            crate::expr::type_name(&other)
+                        ),
+                        now,
+                        fx,
+                    );
                     return;
                 }
                 Err(err) => {
@@ -818,7 +1004,13 @@ impl<'a> Engine<'a> {
             set_status(&mut st.status, StepStatus::Succeeded);
             st.output = Some(Value::Array(vec![]));
             st.finished_at = Some(now);
-            run.log(now, Some(&step.id), None, "succeeded", Some("for_each over an empty list".into()));
+            run.log(
+                now,
+                Some(&step.id),
+                None,
+                "succeeded",
+                Some("for_each over an empty list".into()),
+            );
             let sw_default = step.switch.is_some();
             if sw_default {
                 run.steps[si].switch_value = None;
@@ -842,17 +1034,36 @@ impl<'a> Engine<'a> {
                 0,
             );
         }
-        run.log(now, Some(&step.id), None, "queued", (n > 1).then(|| format!("{n} iterations")));
+        run.log(
+            now,
+            Some(&step.id),
+            None,
+            "queued",
+            (n > 1).then(|| format!("{n} iterations")),
+        );
     }
 
     /// A step that could not even start (its condition or list failed to evaluate).
-    fn fail_before_start(&self, run: &mut Run, si: usize, error: String, now: Millis, fx: &mut Effects) {
+    fn fail_before_start(
+        &self,
+        run: &mut Run,
+        si: usize,
+        error: String,
+        now: Millis,
+        fx: &mut Effects,
+    ) {
         let step = &self.playbook.steps[si];
         let st = &mut run.steps[si];
         set_status(&mut st.status, StepStatus::Failed);
         st.error = Some(error.clone());
         st.finished_at = Some(now);
-        run.log(now, Some(&step.id), None, "step_failed", Some(error.clone()));
+        run.log(
+            now,
+            Some(&step.id),
+            None,
+            "step_failed",
+            Some(error.clone()),
+        );
         if step.on_error == OnError::Fail {
             self.fail_run(run, now, format!("step `{}` failed: {error}", step.id));
             return;
@@ -892,10 +1103,16 @@ impl<'a> Engine<'a> {
         run.updated_at = now;
         if !run.status.is_terminal() {
             let all_done = run.steps.iter().all(|s| s.status.is_terminal());
-            let active = run.steps.iter().flat_map(|s| &s.iterations).any(|it| {
-                matches!(it.status, StepStatus::Queued | StepStatus::Running)
-            });
-            let waiting = run.steps.iter().flat_map(|s| &s.iterations).any(|it| it.status == StepStatus::Waiting);
+            let active = run
+                .steps
+                .iter()
+                .flat_map(|s| &s.iterations)
+                .any(|it| matches!(it.status, StepStatus::Queued | StepStatus::Running));
+            let waiting = run
+                .steps
+                .iter()
+                .flat_map(|s| &s.iterations)
+                .any(|it| it.status == StepStatus::Waiting);
             run.status = if all_done {
                 run.finished_at = Some(now);
                 run.log(now, None, None, "run_succeeded", None);
@@ -913,8 +1130,16 @@ impl<'a> Engine<'a> {
             };
         }
         if run.status.is_terminal()
-            && let Trigger::Child { parent_run, step, iteration, attempt } = &run.trigger
-            && !fx.messages.iter().any(|(m, _)| m.kind == MessageKind::ChildFinished && &m.run_id == parent_run)
+            && let Trigger::Child {
+                parent_run,
+                step,
+                iteration,
+                attempt,
+            } = &run.trigger
+            && !fx
+                .messages
+                .iter()
+                .any(|(m, _)| m.kind == MessageKind::ChildFinished && &m.run_id == parent_run)
         {
             fx.send(
                 StepMessage {

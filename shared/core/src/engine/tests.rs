@@ -24,8 +24,19 @@ struct Drive<'a> {
 impl<'a> Drive<'a> {
     fn start(p: &'a Playbook, input: Value) -> Drive<'a> {
         let engine = Engine::new(p);
-        let (run, fx) = engine.start("run1".into(), Trigger::Manual { by: "ann".into() }, input, 1_000);
-        let mut d = Drive { engine, run, queue: VecDeque::new(), now: 1_000, sent: vec![] };
+        let (run, fx) = engine.start(
+            "run1".into(),
+            Trigger::Manual { by: "ann".into() },
+            input,
+            1_000,
+        );
+        let mut d = Drive {
+            engine,
+            run,
+            queue: VecDeque::new(),
+            now: 1_000,
+            sent: vec![],
+        };
         d.push(fx);
         d
     }
@@ -40,23 +51,34 @@ impl<'a> Drive<'a> {
         let mut links = serde_json::Map::new();
         links.insert("block".into(), json!("https://riposte/approvals/t-block"));
         links.insert("ignore".into(), json!("https://riposte/approvals/t-ignore"));
-        IssuedLinks { nonce_hash: "h".into(), links }
+        IssuedLinks {
+            nonce_hash: "h".into(),
+            links,
+        }
     }
 
     /// Delivers one message; returns what the claim said.
-    fn deliver(&mut self, msg: &StepMessage, respond: &mut dyn FnMut(&HttpRequest) -> Outcome) -> Claim {
+    fn deliver(
+        &mut self,
+        msg: &StepMessage,
+        respond: &mut dyn FnMut(&HttpRequest) -> Outcome,
+    ) -> Claim {
         let mut fx = Effects::default();
         let links = Self::links();
-        let claim = self.engine.claim(&mut self.run, msg, self.now, Some(&links), &mut fx);
+        let claim = self
+            .engine
+            .claim(&mut self.run, msg, self.now, Some(&links), &mut fx);
         match &claim {
             Claim::Execute(Work::Http(r)) => {
                 self.sent.push(r.clone());
                 let out = respond(r);
-                self.engine.finish(&mut self.run, msg, out, self.now, &mut fx);
+                self.engine
+                    .finish(&mut self.run, msg, out, self.now, &mut fx);
             }
             Claim::Execute(Work::Notify(rs)) => {
                 self.sent.extend(rs.iter().cloned());
-                self.engine.finish(&mut self.run, msg, Outcome::Waiting, self.now, &mut fx);
+                self.engine
+                    .finish(&mut self.run, msg, Outcome::Waiting, self.now, &mut fx);
             }
             Claim::Execute(other) => panic!("unexpected work {other:?}"),
             Claim::Settled | Claim::Stale(_) | Claim::Busy(_) => {}
@@ -68,7 +90,13 @@ impl<'a> Drive<'a> {
     /// Delivers everything due, advancing the clock to delayed messages (bounded).
     fn drain(&mut self, respond: &mut dyn FnMut(&HttpRequest) -> Outcome) {
         for _ in 0..10_000 {
-            let Some(pos) = self.queue.iter().enumerate().min_by_key(|(_, (_, at))| *at).map(|(i, _)| i) else {
+            let Some(pos) = self
+                .queue
+                .iter()
+                .enumerate()
+                .min_by_key(|(_, (_, at))| *at)
+                .map(|(i, _)| i)
+            else {
                 return;
             };
             let (msg, at) = self.queue.remove(pos).unwrap();
@@ -143,18 +171,57 @@ fn block_branch_blocks_each_ip_then_disables_the_user_and_skips_the_close() {
     assert_eq!(d.status("ask"), StepStatus::Waiting);
     let paths: Vec<&str> = d.sent.iter().map(|r| r.path.as_str()).collect();
     assert_eq!(paths, ["/api/now/table/incident", "/post"]);
-    assert_eq!(d.sent[1].body, Some(crate::http::Body::Json(json!({"text": "https://riposte/approvals/t-block"}))));
+    assert_eq!(
+        d.sent[1].body,
+        Some(crate::http::Body::Json(
+            json!({"text": "https://riposte/approvals/t-block"})
+        ))
+    );
 
     let mut fx = Effects::default();
-    d.engine.decide(&mut d.run, "ask", 0, "block", "bob", d.now, &mut fx).unwrap();
+    d.engine
+        .decide(
+            &mut d.run,
+            &Answer {
+                step: "ask",
+                iteration: 0,
+                choice: "block",
+                by: "bob",
+            },
+            d.now,
+            &mut fx,
+        )
+        .unwrap();
     d.push(fx);
     d.drain(&mut ok);
     let paths: Vec<&str> = d.sent.iter().skip(2).map(|r| r.path.as_str()).collect();
-    assert_eq!(paths, ["/block/198.51.100.7", "/block/203.0.113.9", "/users/alice/disable"]);
+    assert_eq!(
+        paths,
+        [
+            "/block/198.51.100.7",
+            "/block/203.0.113.9",
+            "/users/alice/disable"
+        ]
+    );
     assert_eq!(d.status("close_ticket"), StepStatus::Skipped);
-    assert_eq!(d.status("summary"), StepStatus::Succeeded, "the join runs after one branch");
+    assert_eq!(
+        d.status("summary"),
+        StepStatus::Succeeded,
+        "the join runs after one branch"
+    );
     assert_eq!(d.run.status, RunStatus::Succeeded);
-    assert_eq!(d.run.step("block_ip").unwrap().output.as_ref().unwrap().as_array().unwrap().len(), 2);
+    assert_eq!(
+        d.run
+            .step("block_ip")
+            .unwrap()
+            .output
+            .as_ref()
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
 }
 
 #[test]
@@ -163,11 +230,27 @@ fn ignore_branch_closes_the_ticket_and_skips_blocking() {
     let mut d = Drive::start(&p, alert());
     d.drain(&mut ok);
     let mut fx = Effects::default();
-    d.engine.decide(&mut d.run, "ask", 0, "ignore", "bob", d.now, &mut fx).unwrap();
+    d.engine
+        .decide(
+            &mut d.run,
+            &Answer {
+                step: "ask",
+                iteration: 0,
+                choice: "ignore",
+                by: "bob",
+            },
+            d.now,
+            &mut fx,
+        )
+        .unwrap();
     d.push(fx);
     d.drain(&mut ok);
     assert_eq!(d.status("block_ip"), StepStatus::Skipped);
-    assert_eq!(d.status("disable_user"), StepStatus::Skipped, "skips propagate down a branch");
+    assert_eq!(
+        d.status("disable_user"),
+        StepStatus::Skipped,
+        "skips propagate down a branch"
+    );
     assert_eq!(d.status("close_ticket"), StepStatus::Succeeded);
     assert_eq!(d.run.status, RunStatus::Succeeded);
     assert_eq!(d.sent.last().unwrap().method, "PATCH");
@@ -191,7 +274,20 @@ fn an_unanswered_approval_takes_its_default_at_expiry() {
     assert_eq!(d.status("close_ticket"), StepStatus::Succeeded);
     // A human answering after expiry is refused.
     let mut fx = Effects::default();
-    let err = d.engine.decide(&mut d.run, "ask", 0, "block", "bob", d.now, &mut fx).unwrap_err();
+    let err = d
+        .engine
+        .decide(
+            &mut d.run,
+            &Answer {
+                step: "ask",
+                iteration: 0,
+                choice: "block",
+                by: "bob",
+            },
+            d.now,
+            &mut fx,
+        )
+        .unwrap_err();
     assert!(matches!(err, DecideError::AlreadyDecided { .. }));
 }
 
@@ -201,10 +297,54 @@ fn the_first_answer_wins_and_a_second_is_refused() {
     let mut d = Drive::start(&p, alert());
     d.drain(&mut ok);
     let mut fx = Effects::default();
-    d.engine.decide(&mut d.run, "ask", 0, "ignore", "bob", d.now, &mut fx).unwrap();
-    let err = d.engine.decide(&mut d.run, "ask", 0, "block", "eve", d.now, &mut fx).unwrap_err();
-    assert_eq!(err, DecideError::AlreadyDecided { choice: "ignore".into(), by: "bob".into() });
-    let err = d.engine.decide(&mut d.run, "ask", 0, "maybe", "eve", d.now, &mut fx).unwrap_err();
+    d.engine
+        .decide(
+            &mut d.run,
+            &Answer {
+                step: "ask",
+                iteration: 0,
+                choice: "ignore",
+                by: "bob",
+            },
+            d.now,
+            &mut fx,
+        )
+        .unwrap();
+    let err = d
+        .engine
+        .decide(
+            &mut d.run,
+            &Answer {
+                step: "ask",
+                iteration: 0,
+                choice: "block",
+                by: "eve",
+            },
+            d.now,
+            &mut fx,
+        )
+        .unwrap_err();
+    assert_eq!(
+        err,
+        DecideError::AlreadyDecided {
+            choice: "ignore".into(),
+            by: "bob".into()
+        }
+    );
+    let err = d
+        .engine
+        .decide(
+            &mut d.run,
+            &Answer {
+                step: "ask",
+                iteration: 0,
+                choice: "maybe",
+                by: "eve",
+            },
+            d.now,
+            &mut fx,
+        )
+        .unwrap_err();
     assert!(matches!(err, DecideError::AlreadyDecided { .. }));
 }
 
@@ -218,12 +358,21 @@ fn duplicate_late_and_out_of_order_messages_change_nothing() {
     // The same message again, after the step finished.
     assert!(matches!(d.deliver(&first, &mut ok), Claim::Stale(_)));
     // A message from the future (attempt 2 that was never scheduled) and one for an unknown step.
-    let future = StepMessage { attempt: 2, ..first.clone() };
+    let future = StepMessage {
+        attempt: 2,
+        ..first.clone()
+    };
     assert!(matches!(d.deliver(&future, &mut ok), Claim::Stale(_)));
-    let unknown = StepMessage { step: "nope".into(), ..first.clone() };
+    let unknown = StepMessage {
+        step: "nope".into(),
+        ..first.clone()
+    };
     assert!(matches!(d.deliver(&unknown, &mut ok), Claim::Stale(_)));
     // A step that is not ready yet (out of order).
-    let early = StepMessage { step: "disable_user".into(), ..first };
+    let early = StepMessage {
+        step: "disable_user".into(),
+        ..first
+    };
     assert!(matches!(d.deliver(&early, &mut ok), Claim::Stale(_)));
     assert_eq!(d.run, before, "no transition happened twice");
     assert_eq!(d.sent.len(), 2, "no request was sent twice");
@@ -243,10 +392,20 @@ fn a_claimed_step_is_not_taken_twice_until_its_lease_ends() {
         other => panic!("{other:?}"),
     };
     // The first worker died: after the lease the step is taken over, once.
-    assert!(matches!(d.engine.claim(&mut d.run, &msg, lease, None, &mut fx), Claim::Execute(_)));
+    assert!(matches!(
+        d.engine.claim(&mut d.run, &msg, lease, None, &mut fx),
+        Claim::Execute(_)
+    ));
     assert!(d.run.history.iter().any(|h| h.event == "worker_lost"));
-    assert!(d.engine.finish(&mut d.run, &msg, Outcome::Done(json!({})), lease, &mut fx));
-    assert!(!d.engine.finish(&mut d.run, &msg, Outcome::Done(json!({})), lease, &mut fx), "a second result is stale");
+    assert!(
+        d.engine
+            .finish(&mut d.run, &msg, Outcome::Done(json!({})), lease, &mut fx)
+    );
+    assert!(
+        !d.engine
+            .finish(&mut d.run, &msg, Outcome::Done(json!({})), lease, &mut fx),
+        "a second result is stale"
+    );
 }
 
 #[test]
@@ -257,12 +416,21 @@ fn retryable_failures_retry_with_backoff_then_fail_the_run() {
     let start = d.now;
     d.drain(&mut |_| {
         calls += 1;
-        Outcome::Failed { message: "HTTP 503".into(), retryable: true }
+        Outcome::Failed {
+            message: "HTTP 503".into(),
+            retryable: true,
+        }
     });
     assert_eq!(calls, 3, "default policy: 3 attempts");
     assert_eq!(d.now - start, 1_000 + 2_000, "1 s then 2 s");
     assert_eq!(d.run.status, RunStatus::Failed);
-    assert!(d.run.error.as_ref().unwrap().contains("step `ticket` failed: HTTP 503"));
+    assert!(
+        d.run
+            .error
+            .as_ref()
+            .unwrap()
+            .contains("step `ticket` failed: HTTP 503")
+    );
     assert_eq!(d.status("ask"), StepStatus::Cancelled);
     assert!(d.queue.is_empty());
 }
@@ -295,7 +463,10 @@ steps:
     let mut calls = 0;
     d.drain(&mut |_| {
         calls += 1;
-        Outcome::Failed { message: "HTTP 404".into(), retryable: false }
+        Outcome::Failed {
+            message: "HTTP 404".into(),
+            retryable: false,
+        }
     });
     assert_eq!(calls, 2);
     assert_eq!(d.status("next"), StepStatus::Skipped);
@@ -355,7 +526,11 @@ steps:
     let mut d = Drive::start(&p, json!({"entities": {"ips": "1.2.3.4"}}));
     d.drain(&mut ok);
     assert_eq!(d.run.status, RunStatus::Failed);
-    assert!(d.run.error.as_ref().unwrap().contains("not a list"), "{:?}", d.run.error);
+    assert!(
+        d.run.error.as_ref().unwrap().contains("not a list"),
+        "{:?}",
+        d.run.error
+    );
 }
 
 #[test]
@@ -365,7 +540,20 @@ fn a_cancelled_run_kills_its_approval() {
     d.drain(&mut ok);
     assert!(d.engine.cancel(&mut d.run, "carol", d.now));
     let mut fx = Effects::default();
-    let err = d.engine.decide(&mut d.run, "ask", 0, "block", "bob", d.now, &mut fx).unwrap_err();
+    let err = d
+        .engine
+        .decide(
+            &mut d.run,
+            &Answer {
+                step: "ask",
+                iteration: 0,
+                choice: "block",
+                by: "bob",
+            },
+            d.now,
+            &mut fx,
+        )
+        .unwrap_err();
     assert!(matches!(err, DecideError::Closed(_)), "{err:?}");
     d.now += 3_600_000;
     d.drain(&mut ok);
@@ -374,14 +562,42 @@ fn a_cancelled_run_kills_its_approval() {
 
 #[test]
 fn separate_approver_refuses_the_person_who_started_the_run() {
-    let src = BLOCK_OR_IGNORE.replace("name: Block or ignore", "name: Block or ignore\nseparate_approver: true");
+    let src = BLOCK_OR_IGNORE.replace(
+        "name: Block or ignore",
+        "name: Block or ignore\nseparate_approver: true",
+    );
     let p = pb(&src);
     let mut d = Drive::start(&p, alert());
     d.drain(&mut ok);
     let mut fx = Effects::default();
-    let err = d.engine.decide(&mut d.run, "ask", 0, "block", "ann", d.now, &mut fx).unwrap_err();
+    let err = d
+        .engine
+        .decide(
+            &mut d.run,
+            &Answer {
+                step: "ask",
+                iteration: 0,
+                choice: "block",
+                by: "ann",
+            },
+            d.now,
+            &mut fx,
+        )
+        .unwrap_err();
     assert_eq!(err, DecideError::NotAllowed("ann".into()));
-    d.engine.decide(&mut d.run, "ask", 0, "block", "bob", d.now, &mut fx).unwrap();
+    d.engine
+        .decide(
+            &mut d.run,
+            &Answer {
+                step: "ask",
+                iteration: 0,
+                choice: "block",
+                by: "bob",
+            },
+            d.now,
+            &mut fx,
+        )
+        .unwrap();
 }
 
 #[test]
@@ -391,12 +607,26 @@ fn alert_text_never_changes_the_shape_of_a_request() {
     let mut d = Drive::start(&p, evil);
     d.drain(&mut ok);
     let mut fx = Effects::default();
-    d.engine.decide(&mut d.run, "ask", 0, "block", "bob", d.now, &mut fx).unwrap();
+    d.engine
+        .decide(
+            &mut d.run,
+            &Answer {
+                step: "ask",
+                iteration: 0,
+                choice: "block",
+                by: "bob",
+            },
+            d.now,
+            &mut fx,
+        )
+        .unwrap();
     d.push(fx);
     d.drain(&mut ok);
     assert_eq!(
         d.sent[0].body,
-        Some(crate::http::Body::Json(json!({"short_description": "\"}, \"admin\": true, \"x\": {\"${{ 1+1 }}"})))
+        Some(crate::http::Body::Json(
+            json!({"short_description": "\"}, \"admin\": true, \"x\": {\"${{ 1+1 }}"})
+        ))
     );
     assert_eq!(d.sent[2].path, "/block/..%2F..%2Fadmin");
     assert_eq!(d.sent[3].path, "/users/a%2Fb%3Fc/disable");

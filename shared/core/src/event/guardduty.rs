@@ -341,7 +341,11 @@ mod tests {
                 "203.0.113.45"
             ]
         );
-        assert_eq!(a.entities.remote_ips, ["198.51.100.101", "203.0.113.200"], "the instance's own addresses are not remote");
+        assert_eq!(
+            a.entities.remote_ips,
+            ["198.51.100.101", "203.0.113.200"],
+            "the instance's own addresses are not remote"
+        );
         assert!(a.entities.users.is_empty());
         assert_eq!(a.entities.hosts[0], "i-0b2c3d4e5f6a78901");
     }

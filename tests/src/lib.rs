@@ -196,6 +196,15 @@ impl Drop for Riposte {
 impl Riposte {
     /// Starts with the examples in `infra/` and the given connections YAML and secrets.
     pub async fn start(connections_yaml: &str, secrets: &[(&str, &str)]) -> Riposte {
+        Self::start_with(connections_yaml, secrets, true).await
+    }
+
+    /// Starts with no playbooks or rules.
+    pub async fn start_empty(connections_yaml: &str) -> Riposte {
+        Self::start_with(connections_yaml, &[], false).await
+    }
+
+    async fn start_with(connections_yaml: &str, secrets: &[(&str, &str)], examples: bool) -> Riposte {
         let dir = tempfile::tempdir().unwrap();
         let conn_path = dir.path().join("connections.yaml");
         std::fs::write(&conn_path, connections_yaml).unwrap();
@@ -221,7 +230,9 @@ impl Riposte {
             clock.clone(),
         )
         .unwrap();
-        seed(&local, &repo().join("infra")).await.unwrap();
+        if examples {
+            seed(&local, &repo().join("infra")).await.unwrap();
+        }
         let keys = ApiKeys::new()
             .with(OPERATOR_KEY, "olivia", Role::Operator)
             .with(CONTRIBUTOR_KEY, "carl", Role::Contributor);

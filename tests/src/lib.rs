@@ -204,7 +204,11 @@ impl Riposte {
         Self::start_with(connections_yaml, &[], false).await
     }
 
-    async fn start_with(connections_yaml: &str, secrets: &[(&str, &str)], examples: bool) -> Riposte {
+    async fn start_with(
+        connections_yaml: &str,
+        secrets: &[(&str, &str)],
+        examples: bool,
+    ) -> Riposte {
         let dir = tempfile::tempdir().unwrap();
         let conn_path = dir.path().join("connections.yaml");
         std::fs::write(&conn_path, connections_yaml).unwrap();

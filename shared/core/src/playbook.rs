@@ -253,6 +253,34 @@ pub struct Step {
     pub on_error: OnError,
     pub incoming: Vec<Edge>,
     pub outgoing: Vec<usize>,
+    /// The variables this step's expressions read: only those are put in scope for it.
+    pub reads: Vec<String>,
+}
+
+impl Step {
+    fn compute_reads(&mut self) {
+        let mut exprs: Vec<&Expr> = Vec::new();
+        exprs.extend(self.condition.iter());
+        exprs.extend(self.for_each.iter());
+        exprs.extend(self.switch.iter().map(|s| &s.on));
+        match &self.kind {
+            StepKind::Action { inputs, .. } | StepKind::Playbook { inputs, .. } => {
+                exprs.extend(inputs.exprs())
+            }
+            StepKind::Set { values } => exprs.extend(values.exprs()),
+            StepKind::Approval(a) => {
+                exprs.extend(a.message.exprs());
+                for (_, t) in &a.notify {
+                    exprs.extend(t.exprs());
+                }
+            }
+            StepKind::Wait { .. } => {}
+        }
+        let mut reads: Vec<String> = exprs.iter().flat_map(|e| e.variables()).collect();
+        reads.sort();
+        reads.dedup();
+        self.reads = reads;
+    }
 }
 
 /// A validated playbook version.
@@ -803,6 +831,7 @@ pub fn compile(
                 })
                 .collect(),
             outgoing: vec![],
+            reads: vec![],
         });
     }
 
@@ -836,6 +865,9 @@ pub fn compile(
 
     if c.problems.is_empty() {
         check_graph(&steps, &mut c);
+    }
+    for s in &mut steps {
+        s.compute_reads();
     }
     if c.problems.is_empty() {
         Ok(Playbook {

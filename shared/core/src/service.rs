@@ -468,6 +468,16 @@ impl Service {
                 // step is taken over only after the lease.
                 self.save(&run, ver, &fx).await?;
                 let outcome = self.perform(&work).await;
+                // Most often nobody changed the run meanwhile: record on the copy held, and
+                // reload only on a conflict.
+                let mut fx = Effects::default();
+                if engine.finish(&mut run, msg, outcome.clone(), self.now(), &mut fx) {
+                    match self.d.store.save_run(&run, ver + 1, &fx).await {
+                        Ok(()) => return Ok(Handled::Done),
+                        Err(StoreError::Conflict(_)) => {}
+                        Err(e) => return Err(e.into()),
+                    }
+                }
                 self.record(msg, outcome).await
             }
         }

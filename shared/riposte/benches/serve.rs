@@ -21,8 +21,16 @@ use serde_json::{Value, json};
 
 const KEY: &str = "bench-operator-key-0123456789";
 const RUNS: usize = 2_000;
-const RATE: u64 = 1_000;
 const SECONDS: u64 = 5;
+
+/// Alerts per second for the latency phase (`RIPOSTE_BENCH_RATE`, default 1,000).
+fn rate() -> u64 {
+    std::env::var("RIPOSTE_BENCH_RATE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_000)
+        .clamp(1, 5_000)
+}
 
 fn rss_kb(pid: u32, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -130,9 +138,10 @@ async fn main() {
     let idle = rss_kb(pid, "VmRSS:");
 
     // 1. Durable steps per second.
+    let skip_steps = std::env::var("RIPOSTE_BENCH_SKIP_STEPS").is_ok();
     let start = Instant::now();
     let mut tasks = Vec::new();
-    for chunk in 0..(RUNS / 50) {
+    for chunk in 0..(if skip_steps { 0 } else { RUNS / 50 }) {
         let http = http.clone();
         let url = url.clone();
         tasks.push(tokio::spawn(async move {
@@ -199,8 +208,9 @@ async fn main() {
     )
     .unwrap();
     let sent: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
-    let total = RATE * SECONDS;
-    let mut ticker = tokio::time::interval(Duration::from_micros(1_000_000 / RATE));
+    let rate = rate();
+    let total = rate * SECONDS;
+    let mut ticker = tokio::time::interval(Duration::from_micros(1_000_000 / rate));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     let mut tasks = Vec::with_capacity(total as usize);
     let load_start = Instant::now();
@@ -244,7 +254,7 @@ async fn main() {
         .collect();
     lat.sort();
     println!(
-        "alert to first action: {} alerts offered at {RATE}/s over {:.2} s; {} reached the vendor; p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+        "alert to first action: {} alerts offered at {rate}/s over {:.2} s; {} reached the vendor; p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
         total,
         offered.as_secs_f64(),
         lat.len(),

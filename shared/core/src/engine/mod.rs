@@ -188,7 +188,8 @@ impl<'a> Engine<'a> {
             Some(format!("{} v{}", pb.id(), pb.version)),
         );
         let mut fx = Effects::default();
-        match pb.vars.render(&self.scope(&run, None)) {
+        let reads: Vec<String> = pb.vars.exprs().iter().flat_map(|e| e.variables()).collect();
+        match pb.vars.render(&self.scope(&run, None, &reads)) {
             Ok(Value::Object(m)) => run.vars = m,
             Ok(_) => {}
             Err(e) => {
@@ -206,41 +207,65 @@ impl<'a> Engine<'a> {
         (run, fx)
     }
 
-    /// The variables expressions see, for `step`'s iteration if given.
-    pub fn scope(&self, run: &Run, iteration: Option<(&Iteration, u32)>) -> Scope {
+    /// The variables expressions see, for `step`'s iteration if given. Only the variables named
+    /// in `reads` are built (converting a large alert into CEL values is the costly part).
+    pub fn scope(
+        &self,
+        run: &Run,
+        iteration: Option<(&Iteration, u32)>,
+        reads: &[String],
+    ) -> Scope {
         let mut s = Scope::new();
-        s.set("input", &run.input);
+        let wants = |v: &str| reads.iter().any(|r| r == v);
+        if wants("input") {
+            s.set("input", &run.input);
+        }
+        if !wants("alert") {
+            return self.scope_rest(s, run, iteration, &wants);
+        }
         let alert = match &run.trigger {
-            Trigger::Rule { .. } => run.input.clone(),
-            _ => run
-                .input
-                .get("alert")
-                .cloned()
-                .unwrap_or_else(|| run.input.clone()),
+            Trigger::Rule { .. } => &run.input,
+            _ => run.input.get("alert").unwrap_or(&run.input),
         };
-        s.set("alert", &alert);
-        s.set("vars", &Value::Object(run.vars.clone()));
-        let mut steps = serde_json::Map::new();
-        for st in &run.steps {
-            steps.insert(
-                st.id.clone(),
-                json!({
-                    "status": st.status.as_str(),
-                    "output": st.output.clone().unwrap_or(Value::Null),
-                    "error": st.error.clone().unwrap_or_default(),
-                }),
+        s.set("alert", alert);
+        self.scope_rest(s, run, iteration, &wants)
+    }
+
+    fn scope_rest(
+        &self,
+        mut s: Scope,
+        run: &Run,
+        iteration: Option<(&Iteration, u32)>,
+        wants: &dyn Fn(&str) -> bool,
+    ) -> Scope {
+        if wants("vars") {
+            s.set("vars", &Value::Object(run.vars.clone()));
+        }
+        if wants("steps") {
+            let mut steps = serde_json::Map::new();
+            for st in &run.steps {
+                steps.insert(
+                    st.id.clone(),
+                    json!({
+                        "status": st.status.as_str(),
+                        "output": st.output.clone().unwrap_or(Value::Null),
+                        "error": st.error.clone().unwrap_or_default(),
+                    }),
+                );
+            }
+            s.set("steps", &Value::Object(steps));
+        }
+        if wants("run") {
+            let started_by = match &run.trigger {
+                Trigger::Manual { by } => by.clone(),
+                Trigger::Rule { rule_id, .. } => format!("rule:{rule_id}"),
+                Trigger::Child { parent_run, .. } => format!("run:{parent_run}"),
+            };
+            s.set(
+                "run",
+                &json!({"id": run.id, "playbook": run.playbook_id, "version": run.playbook_version, "started_by": started_by}),
             );
         }
-        s.set("steps", &Value::Object(steps));
-        let started_by = match &run.trigger {
-            Trigger::Manual { by } => by.clone(),
-            Trigger::Rule { rule_id, .. } => format!("rule:{rule_id}"),
-            Trigger::Child { parent_run, .. } => format!("run:{parent_run}"),
-        };
-        s.set(
-            "run",
-            &json!({"id": run.id, "playbook": run.playbook_id, "version": run.playbook_version, "started_by": started_by}),
-        );
         if let Some((it, index)) = iteration {
             s.set("item", it.item.as_ref().unwrap_or(&Value::Null));
             s.set("index", &json!(index));
@@ -374,7 +399,7 @@ impl<'a> Engine<'a> {
         let index = msg.iteration;
         let scope = {
             let it = &run.steps[si].iterations[index as usize];
-            let mut s = self.scope(run, Some((it, index)));
+            let mut s = self.scope(run, Some((it, index)), &step.reads);
             if let Some(l) = links {
                 s.set("approval", &json!({"links": l.links}));
             }
@@ -858,7 +883,7 @@ impl<'a> Engine<'a> {
         let continued =
             run.steps[si].status == StepStatus::Succeeded || step.on_error == OnError::Continue;
         if continued && let Some(sw) = &step.switch {
-            let mut scope = self.scope(run, None);
+            let mut scope = self.scope(run, None, &step.reads);
             scope.set("output", &output);
             match sw.on.eval(&scope) {
                 Ok(v) => {
@@ -940,7 +965,7 @@ impl<'a> Engine<'a> {
             }
             return;
         }
-        let scope = self.scope(run, None);
+        let scope = self.scope(run, None, &step.reads);
         if let Some(cond) = &step.condition {
             match cond.eval_bool(&scope) {
                 Ok(true) => {}

@@ -1,0 +1,277 @@
+//! The `riposte` command as an operator uses it: validate, a dry run that sends nothing, and the
+//! tour's send / runs / approve / runs show against a `riposte serve --demo`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+use riposte_tests::{Vendor, repo};
+
+fn bin() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let bin = exe.parent().and_then(Path::parent).unwrap().join("riposte");
+    assert!(
+        bin.exists(),
+        "{} is missing: build it first (`cargo build -p riposte`; the README's test command does)",
+        bin.display()
+    );
+    bin
+}
+
+fn riposte(args: &[&str], server: Option<&str>) -> Output {
+    let mut c = Command::new(bin());
+    c.args(args)
+        .current_dir(repo())
+        .env("RUST_BACKTRACE", "0")
+        .env("RIPOSTE_LOG", "warn");
+    if let Some(s) = server {
+        c.env("RIPOSTE_SERVER", s);
+    }
+    c.output().unwrap()
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+#[test]
+fn validate_accepts_the_examples_and_names_file_step_and_field_of_a_mistake() {
+    let o = riposte(&["validate"], None);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("ok  infra/playbooks/block-or-ignore-malicious-ip.yaml (playbook block-or-ignore-malicious-ip, 8 steps)"));
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.yaml");
+    std::fs::write(&bad, "id: bad\nname: Bad\nsteps:\n  - id: a\n    action: http.request\n    with: { connection: servicenow, method: GET, path: /x, bodyy: 1 }\n").unwrap();
+    let o = riposte(
+        &[
+            "validate",
+            bad.to_str().unwrap(),
+            "--connections",
+            "infra/connections.yaml",
+        ],
+        None,
+    );
+    assert!(!o.status.success());
+    let out = text(&o);
+    assert!(
+        out.contains(&format!(
+            "{}: step `a`: action.with.bodyy: `http.request` has no input `bodyy`",
+            bad.display()
+        )),
+        "{out}"
+    );
+    assert!(out.contains("1 problem(s) found"), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dry_run_prints_every_request_and_sends_none() {
+    // Connections pointing at a live vendor: the dry run must not reach it.
+    let vendor = Vendor::start("any", |_| (200, serde_json::json!({}))).await;
+    let dir = tempfile::tempdir().unwrap();
+    let conns = std::fs::read_to_string(repo().join("infra/connections.yaml")).unwrap();
+    let conns: String = conns
+        .lines()
+        .map(|l| match l.trim_start().strip_prefix("base_url: ") {
+            Some(_) => format!("    base_url: {}", vendor.url),
+            None => l.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    let conn_file = dir.path().join("connections.yaml");
+    std::fs::write(&conn_file, conns).unwrap();
+    let o = tokio::task::spawn_blocking(move || {
+        riposte(
+            &[
+                "test",
+                "infra/playbooks/block-or-ignore-malicious-ip.yaml",
+                "--event",
+                "events/guardduty-malicious-ip-caller.json",
+                "--choice",
+                "ignore",
+                "--responses",
+                "events/responses/block-or-ignore.json",
+                "--connections",
+                conn_file.to_str().unwrap(),
+            ],
+            None,
+        )
+    })
+    .await
+    .unwrap();
+    let out = text(&o);
+    assert!(o.status.success(), "{out}");
+    assert!(
+        out.contains(&format!("#1 POST {}/api/now/table/incident", vendor.url)),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!("#5 POST {}/findings/batchupdate", vendor.url)),
+        "{out}"
+    );
+    assert!(
+        out.contains("== 6 request(s) would be sent; none was."),
+        "{out}"
+    );
+    assert!(
+        out.contains("auth: basic, user `riposte`, password from secret `servicenow-password`"),
+        "{out}"
+    );
+    assert!(vendor.requests().is_empty(), "a dry run sends nothing");
+}
+
+struct Serve(Child);
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tour_send_runs_approve_and_show() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("http://127.0.0.1:{port}");
+    let _serve = Serve(
+        Command::new(bin())
+            .args(["serve", "--demo", "--db"])
+            .arg(dir.path().join("r.db"))
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .current_dir(repo())
+            .env("RIPOSTE_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let http = reqwest::Client::new();
+    for _ in 0..500 {
+        if http.get(format!("{url}/healthz")).send().await.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let u = url.clone();
+    let run = move |args: Vec<String>| {
+        let u = u.clone();
+        async move {
+            tokio::task::spawn_blocking(move || {
+                riposte(
+                    &args.iter().map(String::as_str).collect::<Vec<_>>(),
+                    Some(&u),
+                )
+            })
+            .await
+            .unwrap()
+        }
+    };
+    let o = run(vec![
+        "send".into(),
+        "events/guardduty-malicious-ip-caller.json".into(),
+    ])
+    .await;
+    let out = text(&o);
+    assert!(o.status.success(), "{out}");
+    assert!(
+        out.contains("rule guardduty-high-remote-ip         matched"),
+        "{out}"
+    );
+    let run_id = out
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("run started: "))
+        .unwrap()
+        .to_string();
+
+    let mut link = String::new();
+    for _ in 0..200 {
+        let outbox: serde_json::Value = http
+            .get(format!("{url}/sandbox"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if let Some(l) = outbox
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["connection"] == "sendgrid")
+            .and_then(|m| {
+                m["body"]["content"][0]["value"]
+                    .as_str()?
+                    .lines()
+                    .find_map(|l| l.strip_prefix("Block: "))
+                    .map(str::to_string)
+            })
+        {
+            link = l;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        link.starts_with(&format!("{url}/approvals/")),
+        "no link in the sandbox outbox"
+    );
+    let o = run(vec!["runs".into()]).await;
+    assert!(
+        text(&o).contains(&run_id) && text(&o).contains("waiting"),
+        "{}",
+        text(&o)
+    );
+
+    // As an operator who is not a named approver: refused. With the link: recorded.
+    let o = run(vec![
+        "approve".into(),
+        run_id.clone(),
+        "--choice".into(),
+        "block".into(),
+    ])
+    .await;
+    assert!(
+        !o.status.success() && text(&o).contains("is not an approver of this step"),
+        "{}",
+        text(&o)
+    );
+    let o = run(vec![
+        "approve".into(),
+        link.clone(),
+        "--approver".into(),
+        "netadmin@example.com".into(),
+    ])
+    .await;
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("Recorded: block"), "{}", text(&o));
+    let o = run(vec!["approve".into(), link.clone()]).await;
+    assert!(
+        !o.status.success() && text(&o).contains("409"),
+        "{}",
+        text(&o)
+    );
+
+    let mut shown = String::new();
+    for _ in 0..200 {
+        shown = text(&run(vec!["runs".into(), "show".into(), run_id.clone()]).await);
+        if shown.contains("status succeeded") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(shown.contains("status succeeded"), "{shown}");
+    assert!(
+        shown.contains("answered: block by netadmin@example.com"),
+        "{shown}"
+    );
+    assert!(shown.contains("suppress_finding       skipped"), "{shown}");
+    assert!(shown.contains("approval_answered"), "{shown}");
+}

@@ -264,6 +264,12 @@ impl Riposte {
         }
     }
 
+    /// Moves the clock forward and wakes the worker, as the passing of that time would.
+    pub fn advance(&self, ms: Millis) {
+        self.clock.advance(ms);
+        self.local.store.enqueued.notify_one();
+    }
+
     pub async fn call(
         &self,
         method: &str,

@@ -461,7 +461,7 @@ async fn with_no_answer_the_default_ignore_is_taken_at_expiry() {
     let r = Riposte::start(&connections(&v), SECRETS).await;
     let run_id = start(&r).await;
     let (block, _) = check_notifications(&v, &r, &run_id);
-    r.clock.advance(4 * 3_600_000 + 1_000);
+    r.advance(4 * 3_600_000 + 1_000);
     let run = r
         .wait_run(&run_id, "finished", |run| run.status.is_terminal())
         .await;

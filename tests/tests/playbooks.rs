@@ -128,12 +128,12 @@ async fn a_flaky_vendor_is_retried_with_the_same_idempotency_key_and_a_404_is_no
         run.step("call").unwrap().iterations[0].attempt == 2
     })
     .await;
-    r.clock.advance(1_000);
+    r.advance(1_000);
     r.wait_run(&id, "retrying again", |run| {
         run.step("call").unwrap().iterations[0].attempt == 3
     })
     .await;
-    r.clock.advance(2_000);
+    r.advance(2_000);
     let run = r
         .wait_run(&id, "finished", |run| run.status.is_terminal())
         .await;
@@ -204,10 +204,72 @@ async fn a_wait_holds_no_worker_and_resumes_when_due() {
         1,
         "only the timer message is queued"
     );
-    r.clock.advance(3_600_000);
+    r.advance(3_600_000);
     let run = r
         .wait_run(&id, "finished", |run| run.status.is_terminal())
         .await;
     assert_eq!(run.status, RunStatus::Succeeded);
     assert_eq!(run.vars["woke"], true);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_that_keeps_failing_is_set_aside_and_its_run_failed_with_the_reason() {
+    use riposte_core::engine::{Effects, Engine};
+    use riposte_core::run::Trigger;
+    use riposte_core::store::Store;
+    let r = Riposte::start_empty("connections: {}\n").await;
+    put(
+        &r,
+        "id: gone\nname: Gone\nsteps:\n  - id: only\n    set: { x: 1 }\n",
+    )
+    .await;
+    // A run pinned to a version the store does not have (as after a bad restore): every
+    // delivery of its message fails.
+    let spec = riposte_core::playbook::parse_spec(
+        "id: gone\nname: Gone\nsteps:\n  - id: only\n    set: { x: 1 }\n",
+        None,
+    )
+    .unwrap();
+    let pb = riposte_core::playbook::compile(spec, 9, &riposte_core::connector::Builtins).unwrap();
+    let (run, fx) = Engine::new(&pb).start(
+        "poisoned".into(),
+        Trigger::Manual {
+            by: "olivia".into(),
+        },
+        json!({}),
+        0,
+    );
+    let fx = Effects {
+        messages: fx.messages,
+        new_runs: vec![],
+    };
+    assert!(r.local.store.create_run(&run, &fx).await.unwrap());
+    let mut failed = None;
+    for _ in 0..500 {
+        r.advance(600_000);
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        if let Some((run, _)) = r.local.store.load_run("poisoned").await.unwrap()
+            && run.status == RunStatus::Failed
+        {
+            failed = Some(run);
+            break;
+        }
+    }
+    let run = failed.unwrap_or_else(|| {
+        panic!(
+            "the run is failed once its message is set aside; queue {:?}",
+            r.local.store.queue_len()
+        )
+    });
+    let error = run.error.clone().unwrap();
+    assert!(
+        error.contains("step `only` could not be handled after 10 tries")
+            && error.contains("version 9 not found"),
+        "{error}"
+    );
+    assert_eq!(
+        r.local.store.queue_len().unwrap(),
+        0,
+        "the message left the queue"
+    );
 }

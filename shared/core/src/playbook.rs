@@ -1121,6 +1121,71 @@ steps:
     }
 
     #[test]
+    fn mangled_playbooks_are_refused_or_loaded_but_never_panic() {
+        // A small deterministic generator: drop, duplicate, swap and truncate lines and
+        // characters of a valid playbook, a few thousand times.
+        let mut seed: u64 = 0x2545_f491_4f6c_dd1d;
+        let mut next = |n: usize| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed % n.max(1) as u64) as usize
+        };
+        let lines: Vec<&str> = OK.lines().collect();
+        let (mut ok, mut refused) = (0, 0);
+        for _ in 0..3_000 {
+            let mut l: Vec<String> = lines.iter().map(|s| s.to_string()).collect();
+            for _ in 0..1 + next(3) {
+                let i = next(l.len());
+                match next(5) {
+                    0 => {
+                        l.remove(i);
+                    }
+                    1 => {
+                        let dup = l[i].clone();
+                        l.insert(next(l.len()), dup);
+                    }
+                    2 => {
+                        let j = next(l.len());
+                        l.swap(i, j);
+                    }
+                    3 => {
+                        let cut = next(l[i].len() + 1);
+                        let mut end = cut;
+                        while !l[i].is_char_boundary(end) {
+                            end -= 1;
+                        }
+                        l[i].truncate(end);
+                    }
+                    _ => {
+                        let pos = next(l[i].len() + 1);
+                        if l[i].is_char_boundary(pos) {
+                            l[i].insert_str(
+                                pos,
+                                ["{", "]", "${{", "}}", ":", "- ", "'", "\\u0000"][next(8)],
+                            );
+                        }
+                    }
+                }
+                if l.is_empty() {
+                    break;
+                }
+            }
+            match load(&l.join("\n"), Some("fuzz.yaml"), &TestCatalog) {
+                Ok(_) => ok += 1,
+                Err(p) => {
+                    assert!(!p.0.is_empty());
+                    refused += 1;
+                }
+            }
+        }
+        assert!(
+            ok > 0 && refused > 0,
+            "both outcomes occur: {ok} loaded, {refused} refused"
+        );
+    }
+
+    #[test]
     fn retry_delay_grows_and_is_capped() {
         let r = RetryPolicy {
             max_attempts: 5,

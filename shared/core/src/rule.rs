@@ -424,6 +424,44 @@ mod tests {
     }
 
     #[test]
+    fn the_index_decides_exactly_what_evaluating_every_rule_decides() {
+        let sources = ["guardduty", "securityhub", "config"];
+        let severities = [Severity::Low, Severity::High, Severity::Critical];
+        let mut rules = Vec::new();
+        for i in 0..60 {
+            let cond = match i % 5 {
+                0 => format!(
+                    "alert.source == '{}' && alert.severity == 'High'",
+                    sources[i % 3]
+                ),
+                1 => format!("'{}' == alert.source && alert.nope == 1", sources[i % 3]),
+                2 => "alert.severity in ['High'] || alert.source == 'config'".to_string(),
+                3 => format!("alert.type == 'T{}' && alert.title.contains('SQL')", i % 4),
+                _ => format!("alert.account == '{i}'"),
+            };
+            let mut r = rule(&format!("r{i:02}"), (i % 7) as i64, &cond);
+            r.terminal = i == 41;
+            rules.push(r.compile(&|_| true).unwrap());
+        }
+        let set = RuleSet::new(rules.clone());
+        for (k, src) in sources.iter().enumerate() {
+            for sev in severities {
+                for t in 0..4 {
+                    let mut a = alert(if t % 2 == 0 { "SQL injection" } else { "probe" }, sev);
+                    a.source = src.to_string();
+                    a.r#type = format!("T{t}");
+                    a.account = (k == 1).then(|| "5".to_string());
+                    assert_eq!(
+                        set.evaluate(&a, 0),
+                        set.evaluate_with(&a, 0, false),
+                        "{src} {sev:?} T{t}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
     fn a_terminal_match_stops_later_rules() {
         let mut first = rule("first", 1, "alert.severity == 'High'");
         first.terminal = true;

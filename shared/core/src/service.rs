@@ -368,6 +368,28 @@ impl Service {
         )))
     }
 
+    /// Marks a run failed with `reason` (a message for it could not be handled after repeated
+    /// tries: the local worker's dead letter).
+    pub async fn fail_run(&self, run_id: &str, reason: &str) -> Result<(), Error> {
+        for _ in 0..MAX_CONFLICT_RETRIES {
+            let Some((mut run, ver)) = self.d.store.load_run(run_id).await? else {
+                return Ok(());
+            };
+            let mut fx = Effects::default();
+            if !Engine::abandon(&mut run, reason.to_string(), self.now(), &mut fx) {
+                return Ok(());
+            }
+            match self.d.store.save_run(&run, ver, &fx).await {
+                Ok(()) => return Ok(()),
+                Err(StoreError::Conflict(_)) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(Error::Unavailable(format!(
+            "run {run_id} is too busy to fail; try again"
+        )))
+    }
+
     pub async fn load(&self, run_id: &str) -> Result<(Run, u64), Error> {
         self.d
             .store

@@ -254,6 +254,8 @@ pub async fn run_worker(
     let mut errors: std::collections::HashMap<i64, u32> = std::collections::HashMap::new();
     let (tx, mut rx) = mpsc::unbounded_channel::<(i64, Result<Handled, Error>)>();
     let mut finished: Vec<(i64, Result<Handled, Error>)> = Vec::new();
+    let mut messages: std::collections::HashMap<i64, riposte_core::run::StepMessage> =
+        std::collections::HashMap::new();
     loop {
         if *stop.borrow() {
             break;
@@ -264,6 +266,7 @@ pub async fn run_worker(
         let mut acks = Vec::new();
         for (seq, result) in finished.drain(..) {
             inflight.remove(&seq);
+            let is_error = result.is_err();
             let outcome = match result {
                 Ok(Handled::Done) => {
                     errors.remove(&seq);
@@ -276,9 +279,18 @@ pub async fn run_worker(
                     *n += 1;
                     tracing::warn!(message = "Step message failed; it will be retried.", seq, receives = *n, error = %e);
                     if *n >= MAX_RECEIVES {
-                        tracing::error!(message = "Step message set aside after repeated failures.", seq, error = %e);
+                        tracing::error!(message = "Step message set aside after repeated failures; its run is failed.", seq, error = %e);
                         errors.remove(&seq);
                         acks.push(seq);
+                        if let Some(m) = messages.get(&seq) {
+                            let reason = format!(
+                                "step `{}` could not be handled after {MAX_RECEIVES} tries: {e}",
+                                m.step
+                            );
+                            if let Err(e) = service.fail_run(&m.run_id, &reason).await {
+                                tracing::error!(message = "Failing the run failed.", run_id = %m.run_id, error = %e);
+                            }
+                        }
                         Ok(())
                     } else {
                         store.delay(seq, 500 * (1 << (*n).min(8)))
@@ -287,6 +299,9 @@ pub async fn run_worker(
             };
             if let Err(e) = outcome {
                 tracing::error!(message = "Queue update failed.", error = %e);
+            }
+            if !is_error || !errors.contains_key(&seq) {
+                messages.remove(&seq);
             }
         }
         if !acks.is_empty()
@@ -306,6 +321,7 @@ pub async fn run_worker(
         let got = !due.is_empty();
         for d in due {
             inflight.insert(d.seq);
+            messages.insert(d.seq, d.message.clone());
             let service = service.clone();
             let tx = tx.clone();
             tokio::spawn(async move {
@@ -319,8 +335,7 @@ pub async fn run_worker(
         }
         let wait = match store.next_visible_at() {
             Ok(Some(at)) if inflight.len() < concurrency => {
-                let now = SystemClock.now();
-                Duration::from_millis((at - now).clamp(1, 1000) as u64)
+                Duration::from_millis((at - store.now()).clamp(1, 1000) as u64)
             }
             _ => Duration::from_millis(1000),
         };

@@ -186,6 +186,11 @@ impl SqliteStore {
         Ok(out)
     }
 
+    /// The time by this store's clock (what `visible_at` is measured against).
+    pub fn now(&self) -> Millis {
+        self.clock.now()
+    }
+
     /// When the next message becomes visible, if any is queued.
     pub fn next_visible_at(&self) -> Result<Option<Millis>, StoreError> {
         let conn = self.lock()?;

@@ -193,7 +193,7 @@ impl<'a> Engine<'a> {
             Ok(Value::Object(m)) => run.vars = m,
             Ok(_) => {}
             Err(e) => {
-                self.fail_run(&mut run, now, format!("vars: {e}"));
+                Self::fail_run(&mut run, now, format!("vars: {e}"));
                 return (run, fx);
             }
         }
@@ -203,7 +203,7 @@ impl<'a> Engine<'a> {
         for i in roots {
             self.activate(&mut run, i, now, &mut fx);
         }
-        self.update_status(&mut run, now, &mut fx);
+        Self::update_status(&mut run, now, &mut fx);
         (run, fx)
     }
 
@@ -526,7 +526,7 @@ impl<'a> Engine<'a> {
             run.steps[si].iterations[msg.iteration as usize].child_run =
                 Some(child_run_id(&run.id, msg));
         }
-        self.update_status(run, now, fx);
+        Self::update_status(run, now, fx);
         Claim::Execute(work)
     }
 
@@ -699,7 +699,7 @@ impl<'a> Engine<'a> {
         if run.status.is_terminal() {
             return false;
         }
-        self.close_open_steps(run, now);
+        Self::close_open_steps(run, now);
         run.status = RunStatus::Cancelled;
         run.finished_at = Some(now);
         run.updated_at = now;
@@ -842,7 +842,7 @@ impl<'a> Engine<'a> {
                 set_status(&mut st.status, to);
             }
         }
-        self.update_status(run, now, fx);
+        Self::update_status(run, now, fx);
     }
 
     /// All iterations are terminal: the step's own result, its switch, and what it unblocks.
@@ -874,7 +874,7 @@ impl<'a> Engine<'a> {
             st.error = Some(e.clone());
             run.log(now, Some(&step.id), None, "step_failed", Some(e.clone()));
             if step.on_error == OnError::Fail {
-                self.fail_run(run, now, format!("step `{}` failed: {e}", step.id));
+                Self::fail_run(run, now, format!("step `{}` failed: {e}", step.id));
                 return;
             }
         } else {
@@ -1090,7 +1090,7 @@ impl<'a> Engine<'a> {
             Some(error.clone()),
         );
         if step.on_error == OnError::Fail {
-            self.fail_run(run, now, format!("step `{}` failed: {error}", step.id));
+            Self::fail_run(run, now, format!("step `{}` failed: {error}", step.id));
             return;
         }
         for &to in &step.outgoing {
@@ -1098,7 +1098,7 @@ impl<'a> Engine<'a> {
         }
     }
 
-    fn close_open_steps(&self, run: &mut Run, now: Millis) {
+    fn close_open_steps(run: &mut Run, now: Millis) {
         for st in &mut run.steps {
             for it in &mut st.iterations {
                 if !it.status.is_terminal() {
@@ -1115,16 +1115,27 @@ impl<'a> Engine<'a> {
         }
     }
 
-    fn fail_run(&self, run: &mut Run, now: Millis, error: String) {
-        self.close_open_steps(run, now);
+    fn fail_run(run: &mut Run, now: Millis, error: String) {
+        Self::close_open_steps(run, now);
         run.status = RunStatus::Failed;
         run.finished_at = Some(now);
         run.log(now, None, None, "run_failed", Some(error.clone()));
         run.error = Some(error);
     }
 
+    /// Fails a run that cannot go on (its messages keep failing, its playbook cannot be loaded):
+    /// open steps are cancelled and a parent run is told. Returns false if it had already ended.
+    pub fn abandon(run: &mut Run, reason: String, now: Millis, fx: &mut Effects) -> bool {
+        if run.status.is_terminal() {
+            return false;
+        }
+        Self::fail_run(run, now, reason);
+        Self::update_status(run, now, fx);
+        true
+    }
+
     /// Recomputes the run's status; when it ends, tells a parent run.
-    fn update_status(&self, run: &mut Run, now: Millis, fx: &mut Effects) {
+    fn update_status(run: &mut Run, now: Millis, fx: &mut Effects) {
         run.updated_at = now;
         if !run.status.is_terminal() {
             let all_done = run.steps.iter().all(|s| s.status.is_terminal());

@@ -30,6 +30,38 @@ pub fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
+/// The `riposte` binary of this build (the README's test command builds it before the tests).
+pub fn riposte_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("the test binary's path");
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(|d| d.join("riposte"))
+        .unwrap_or_default();
+    assert!(
+        bin.exists(),
+        "{} is missing: build it first (`cargo build -p riposte`; the README's test command does)",
+        bin.display()
+    );
+    bin
+}
+
+/// Waits (at most 10 s) until a server answers `GET /healthz`.
+pub async fn wait_ready(http: &reqwest::Client, url: &str) {
+    for _ in 0..500 {
+        if http
+            .get(format!("{url}/healthz"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status().is_success())
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("no server came up at {url}");
+}
+
 /// A file from `events/`, parsed.
 pub fn event(name: &str) -> Value {
     let p = repo().join("events").join(name);
@@ -293,6 +325,20 @@ impl Riposte {
             status,
             serde_json::from_str(&text).unwrap_or(Value::String(text)),
         )
+    }
+
+    /// Waits for a run to end and checks it succeeded (showing its timeline if not).
+    pub async fn succeeded(&self, id: &str) -> Run {
+        let run = self
+            .wait_run(id, "finished", |run| run.status.is_terminal())
+            .await;
+        assert_eq!(
+            run.status,
+            riposte_core::run::RunStatus::Succeeded,
+            "{}",
+            riposte::timeline::render(&run)
+        );
+        run
     }
 
     /// Polls a run until `done` says so (at most 10 s).

@@ -309,15 +309,7 @@ async fn block_blocks_the_remote_ip_disables_the_user_and_resolves_the_ticket() 
         "a link is single-use"
     );
 
-    let run = r
-        .wait_run(&run_id, "succeeded", |run| run.status.is_terminal())
-        .await;
-    assert_eq!(
-        run.status,
-        RunStatus::Succeeded,
-        "{}",
-        riposte::timeline::render(&run)
-    );
+    let run = r.succeeded(&run_id).await;
 
     let fw = only(v.panos.requests(), 1, "PAN-OS");
     assert_eq!(
@@ -413,15 +405,7 @@ async fn ignore_suppresses_the_finding_and_closes_the_ticket() {
     let (status, html) = post_link(&r, &ignore, Some("secadmin@example.com")).await;
     assert_eq!(status, 200, "{html}");
     assert_eq!(post_link(&r, &block, None).await.0, 409);
-    let run = r
-        .wait_run(&run_id, "finished", |run| run.status.is_terminal())
-        .await;
-    assert_eq!(
-        run.status,
-        RunStatus::Succeeded,
-        "{}",
-        riposte::timeline::render(&run)
-    );
+    r.succeeded(&run_id).await;
 
     let sh = only(v.securityhub.requests(), 1, "Security Hub");
     assert_eq!(
@@ -462,15 +446,7 @@ async fn with_no_answer_the_default_ignore_is_taken_at_expiry() {
     let run_id = start(&r).await;
     let (block, _) = check_notifications(&v, &r, &run_id);
     r.advance(4 * 3_600_000 + 1_000);
-    let run = r
-        .wait_run(&run_id, "finished", |run| run.status.is_terminal())
-        .await;
-    assert_eq!(
-        run.status,
-        RunStatus::Succeeded,
-        "{}",
-        riposte::timeline::render(&run)
-    );
+    let run = r.succeeded(&run_id).await;
     let out = run.step("ask_admins").unwrap().output.clone().unwrap();
     assert_eq!(
         (out["choice"].clone(), out["expired"].clone()),

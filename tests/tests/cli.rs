@@ -1,25 +1,13 @@
 //! The `riposte` command as an operator uses it: validate, a dry run that sends nothing, and the
 //! tour's send / runs / approve / runs show against a `riposte serve --demo`.
 
-use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
-use riposte_tests::{Vendor, repo};
-
-fn bin() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let bin = exe.parent().and_then(Path::parent).unwrap().join("riposte");
-    assert!(
-        bin.exists(),
-        "{} is missing: build it first (`cargo build -p riposte`; the README's test command does)",
-        bin.display()
-    );
-    bin
-}
+use riposte_tests::{Vendor, repo, riposte_bin, wait_ready};
 
 fn riposte(args: &[&str], server: Option<&str>) -> Output {
-    let mut c = Command::new(bin());
+    let mut c = Command::new(riposte_bin());
     c.args(args)
         .current_dir(repo())
         .env("RUST_BACKTRACE", "0")
@@ -142,7 +130,7 @@ async fn the_tour_send_runs_approve_and_show() {
         .port();
     let url = format!("http://127.0.0.1:{port}");
     let _serve = Serve(
-        Command::new(bin())
+        Command::new(riposte_bin())
             .args(["serve", "--demo", "--db"])
             .arg(dir.path().join("r.db"))
             .args(["--listen", &format!("127.0.0.1:{port}")])
@@ -154,12 +142,7 @@ async fn the_tour_send_runs_approve_and_show() {
             .unwrap(),
     );
     let http = reqwest::Client::new();
-    for _ in 0..500 {
-        if http.get(format!("{url}/healthz")).send().await.is_ok() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_ready(&http, &url).await;
     let u = url.clone();
     let run = move |args: Vec<String>| {
         let u = u.clone();

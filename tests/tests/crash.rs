@@ -4,25 +4,14 @@
 //! carries the same idempotency key.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use serde_json::{Value, json};
 
 use riposte_core::run::{Run, RunStatus};
-use riposte_tests::{OPERATOR_KEY, Vendor};
-
-fn riposte_bin() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let bin = exe.parent().and_then(Path::parent).unwrap().join("riposte");
-    assert!(
-        bin.exists(),
-        "{} is missing: build it first (`cargo build -p riposte`; the README's test command does)",
-        bin.display()
-    );
-    bin
-}
+use riposte_tests::{OPERATOR_KEY, Vendor, riposte_bin, wait_ready};
 
 const PLAYBOOK: &str = r#"
 id: chain
@@ -90,21 +79,6 @@ impl Drop for Server {
     }
 }
 
-async fn ready(http: &reqwest::Client, url: &str) {
-    for _ in 0..500 {
-        if http
-            .get(format!("{url}/healthz"))
-            .send()
-            .await
-            .is_ok_and(|r| r.status().is_success())
-        {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("riposte serve did not come up at {url}");
-}
-
 async fn runs(http: &reqwest::Client, url: &str, ids: &[String]) -> Vec<Run> {
     let mut out = Vec::new();
     for id in ids {
@@ -145,7 +119,7 @@ async fn killed_mid_run_it_finishes_every_run_once_restarted() {
     let http = reqwest::Client::new();
 
     let mut server = Server::start(dir.path(), port);
-    ready(&http, &url).await;
+    wait_ready(&http, &url).await;
     let mut ids = Vec::new();
     for i in 0..60 {
         let body = json!({"playbook": "chain", "input": {"items": [format!("a{i}"), format!("b{i}"), format!("c{i}")]}});
@@ -185,7 +159,7 @@ async fn killed_mid_run_it_finishes_every_run_once_restarted() {
         unfinished_at_kill.push(open);
         server.kill9();
         server = Server::start(dir.path(), port);
-        ready(&http, &url).await;
+        wait_ready(&http, &url).await;
     }
     let mut finished = Vec::new();
     for _ in 0..600 {

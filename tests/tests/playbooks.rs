@@ -66,15 +66,7 @@ async fn a_child_playbook_runs_and_hands_its_outputs_back() {
         json!({"ips": ["198.51.100.1", "203.0.113.2"]}),
     )
     .await;
-    let run = r
-        .wait_run(&id, "finished", |run| run.status.is_terminal())
-        .await;
-    assert_eq!(
-        run.status,
-        RunStatus::Succeeded,
-        "{}",
-        riposte::timeline::render(&run)
-    );
+    let run = r.succeeded(&id).await;
     assert_eq!(run.vars["first"], "/ip/198.51.100.1");
     let children: Vec<String> = run
         .step("each")
@@ -134,15 +126,7 @@ async fn a_flaky_vendor_is_retried_with_the_same_idempotency_key_and_a_404_is_no
     })
     .await;
     r.advance(2_000);
-    let run = r
-        .wait_run(&id, "finished", |run| run.status.is_terminal())
-        .await;
-    assert_eq!(
-        run.status,
-        RunStatus::Succeeded,
-        "{}",
-        riposte::timeline::render(&run)
-    );
+    let run = r.succeeded(&id).await;
     let things: Vec<_> = vendor
         .requests()
         .into_iter()

@@ -1,12 +1,23 @@
 #!/usr/bin/env bash
 # Every test Riposte has: formatting, lints, docs, unit, property and end-to-end tests.
-# Needs only the Rust toolchain (cargo with rustfmt and clippy); the end-to-end tests start their
-# own servers on 127.0.0.1 and the `riposte` binary built below.
+# Needs the Rust toolchain (cargo with rustfmt and clippy) and Python's pip: it installs the AWS
+# API emulator (moto server) and cfn-lint if they are missing. The end-to-end tests start their
+# own servers on 127.0.0.1 (vendor stand-ins, moto, the `riposte` binary built below).
 set -euo pipefail
 shopt -s inherit_errexit 2>/dev/null || true
 cd "$(dirname "$0")/.."
 
 step() { printf '\n== %s\n' "$*"; }
+
+step "tools: moto server (AWS API emulator) and cfn-lint"
+if ! command -v moto_server >/dev/null 2>&1 || ! command -v cfn-lint >/dev/null 2>&1; then
+  python3 -m pip install --quiet 'moto[server]>=5.1,<6' 'cfn-lint>=1.20,<2'
+fi
+moto_server --version >/dev/null 2>&1 || command -v moto_server
+cfn-lint --version
+
+step "cfn-lint template.yaml"
+cfn-lint template.yaml
 
 step "cargo fmt --check"
 cargo fmt --all -- --check

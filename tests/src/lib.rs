@@ -21,6 +21,9 @@ use riposte_core::model::Millis;
 use riposte_core::ports::Clock;
 use riposte_core::run::Run;
 use riposte_core::store::Store;
+pub mod moto;
+pub mod vendors;
+
 use riposte_http::{
     AwsCredentials, EgressPolicy, ReqwestSender, StaticAwsCredentials, StaticSecrets,
 };
@@ -190,6 +193,25 @@ impl Vendor {
     }
 }
 
+/// The HTTP sender tests use: the given secrets, test AWS credentials, private targets allowed.
+pub fn sender(secrets: StaticSecrets) -> Arc<ReqwestSender> {
+    let aws = AwsCredentials::new("AKIDEXAMPLE", "test-aws-secret-key", None);
+    Arc::new(
+        ReqwestSender::new(Arc::new(secrets), EgressPolicy::permissive_for_tests())
+            .with_aws_credentials(Arc::new(StaticAwsCredentials::new(aws))),
+    )
+}
+
+/// Static secrets from pairs.
+pub fn secrets_from(pairs: &[(&str, &str)]) -> StaticSecrets {
+    StaticSecrets(
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect::<HashMap<_, _>>(),
+    )
+}
+
 /// The wall clock plus an offset a test can move forward.
 #[derive(Default)]
 pub struct OffsetClock(pub AtomicI64);
@@ -244,17 +266,7 @@ impl Riposte {
         let dir = tempfile::tempdir().unwrap();
         let conn_path = dir.path().join("connections.yaml");
         std::fs::write(&conn_path, connections_yaml).unwrap();
-        let secrets = StaticSecrets(
-            secrets
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect::<HashMap<_, _>>(),
-        );
-        let aws = AwsCredentials::new("AKIDEXAMPLE", "test-aws-secret-key", None);
-        let sender = Arc::new(
-            ReqwestSender::new(Arc::new(secrets), EgressPolicy::permissive_for_tests())
-                .with_aws_credentials(Arc::new(StaticAwsCredentials::new(aws))),
-        );
+        let sender = sender(secrets_from(secrets));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let clock = Arc::new(OffsetClock::default());

@@ -259,7 +259,20 @@ impl Service {
 
     /// An EventBridge event arrives: normalize, evaluate rules, start one run per match.
     pub async fn ingest_event(&self, event: &Value) -> Result<Ingested, Error> {
-        let alerts = event::normalize(event)?;
+        self.ingest_event_of(event, None).await
+    }
+
+    /// Like [`Service::ingest_event`], for the alerts (or the recommendations) of the event only:
+    /// the alert and recommendation functions each take their own kind from a shared event.
+    pub async fn ingest_event_of(
+        &self,
+        event: &Value,
+        only: Option<AlertKind>,
+    ) -> Result<Ingested, Error> {
+        let alerts: Vec<Alert> = event::normalize(event)?
+            .into_iter()
+            .filter(|a| only.is_none_or(|k| a.kind == k))
+            .collect();
         let event_id = event
             .get("id")
             .and_then(Value::as_str)
@@ -927,11 +940,6 @@ impl Service {
         let mut rules = self.d.store.list_rules(None).await?;
         rules.sort_by(|a, b| (a.order, &a.id).cmp(&(b.order, &b.id)));
         Ok(rules)
-    }
-
-    /// Kind filter helper for hosts that serve one trigger.
-    pub fn kind_of(event: &Value) -> Option<AlertKind> {
-        event::normalize(event).ok()?.first().map(|a| a.kind)
     }
 }
 

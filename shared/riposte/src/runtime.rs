@@ -10,7 +10,7 @@ use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use tokio::sync::{mpsc, watch};
@@ -19,7 +19,6 @@ use riposte_api::{ApiKeys, AppState, Role};
 use riposte_core::approval::Signer;
 use riposte_core::connector::Connections;
 use riposte_core::engine::Worker;
-use riposte_core::model::Millis;
 use riposte_core::playbook;
 use riposte_core::ports::{Clock, HttpSender, IdSource, Secrets};
 use riposte_core::rule::Rule;
@@ -27,36 +26,7 @@ use riposte_core::service::{Config, Deps, Error, Handled, Service};
 use riposte_http::{EgressPolicy, EnvSecrets, ReqwestSender};
 use riposte_sqlite::SqliteStore;
 
-/// The wall clock.
-pub struct SystemClock;
-
-impl Clock for SystemClock {
-    fn now(&self) -> Millis {
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_millis() as Millis)
-            .unwrap_or(0)
-    }
-}
-
-/// ULIDs for ids and the OS's randomness for nonces.
-pub struct OsIds;
-
-impl IdSource for OsIds {
-    fn new_id(&self) -> String {
-        ulid::Ulid::generate().to_string().to_ascii_lowercase()
-    }
-    fn nonce(&self) -> String {
-        hex::encode(random_bytes::<16>())
-    }
-}
-
-pub fn random_bytes<const N: usize>() -> [u8; N] {
-    let mut b = [0u8; N];
-    // The OS random source failing is not something to run approvals without.
-    getrandom::fill(&mut b).expect("the operating system's random source is unavailable");
-    b
-}
+pub use riposte_system::{OsIds, SystemClock, random_bytes};
 
 /// Local API keys used when `RIPOSTE_API_KEYS` is not set, for a server bound to loopback only.
 pub const DEV_OPERATOR_KEY: &str = "local-dev-operator-key";

@@ -1,0 +1,205 @@
+//! Riposte's AWS store: one DynamoDB table for all state, SQS for step messages, and an outbox on
+//! the run item that ties the two together without a distributed transaction.
+//!
+//! Guarantee (the [`Store`] contract, kept across two services): a run write commits the run's
+//! new state, the step messages it enqueues (as the item's `outbox`) and the child runs it creates
+//! in **one conditional DynamoDB write**, only if the run is still at the version that was read
+//! and no earlier outbox is pending; otherwise nothing is written and the caller gets
+//! [`StoreError::Conflict`]. The messages are then sent to SQS (or, when due more than 15 minutes
+//! out, written as timer items) and only then is the outbox removed, conditioned on its id. A
+//! process that dies anywhere in between leaves the outbox on the item, and the next reader
+//! ([`Store::load_run`]), the next writer (which is refused until it is flushed), a duplicate
+//! [`Store::create_run`], or the timer function's sweep ([`DynamoStore::flush_stale_outboxes`])
+//! sends it. So no message is ever lost; one may be sent twice, which the engine treats as stale.
+//!
+//! A reader leaves an outbox younger than [`OUTBOX_GRACE_MS`] to its writer (which is most likely
+//! still sending it), and a writer refused by one waits briefly for it to be cleared before
+//! sending it itself: a worker that receives the first message of a fan-out does not send the
+//! whole fan-out again.
+//!
+//! The table layout is in [`table`]; create it with [`create_table`].
+
+mod item;
+mod outbox;
+mod runs;
+mod size;
+mod store;
+pub mod table;
+
+use std::sync::Arc;
+
+use aws_config::BehaviorVersion;
+
+use riposte_core::ports::Clock;
+use riposte_core::run::StepMessage;
+use riposte_system::SystemClock;
+
+pub use runs::{OUTBOX_GRACE_MS, STALE_OUTBOX_MS};
+pub use table::{create_table, table_definition};
+
+#[doc(no_inline)]
+pub use riposte_core::store::Store;
+
+/// Where the store keeps things.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AwsConfig {
+    /// The DynamoDB table (see [`table`]).
+    pub table: String,
+    /// The SQS queue the step workers read.
+    pub queue_url: String,
+    /// How long finished runs and event records are kept (DynamoDB TTL); 0 keeps them forever.
+    pub retention_days: u32,
+}
+
+/// Retention when `RIPOSTE_RETENTION_DAYS` is not set.
+pub const DEFAULT_RETENTION_DAYS: u32 = 90;
+
+/// A configuration that could not be read from the environment.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("environment variable {0} is not set")]
+    Missing(&'static str),
+    #[error("environment variable {name}={value:?} is not a number of days")]
+    Invalid { name: &'static str, value: String },
+}
+
+impl AwsConfig {
+    /// Reads `RIPOSTE_TABLE`, `RIPOSTE_QUEUE_URL` and `RIPOSTE_RETENTION_DAYS` (default
+    /// [`DEFAULT_RETENTION_DAYS`]).
+    pub fn from_env() -> Result<AwsConfig, ConfigError> {
+        Self::from_vars(|name| std::env::var(name).ok())
+    }
+
+    fn from_vars(var: impl Fn(&str) -> Option<String>) -> Result<AwsConfig, ConfigError> {
+        let set = |name: &str| var(name).filter(|v| !v.trim().is_empty());
+        let required = |name: &'static str| set(name).ok_or(ConfigError::Missing(name));
+        let retention_days = match set("RIPOSTE_RETENTION_DAYS") {
+            Some(v) => v.trim().parse().map_err(|_| ConfigError::Invalid {
+                name: "RIPOSTE_RETENTION_DAYS",
+                value: v,
+            })?,
+            None => DEFAULT_RETENTION_DAYS,
+        };
+        Ok(AwsConfig {
+            table: required("RIPOSTE_TABLE")?,
+            queue_url: required("RIPOSTE_QUEUE_URL")?,
+            retention_days,
+        })
+    }
+}
+
+/// The DynamoDB + SQS implementation of [`Store`].
+pub struct DynamoStore {
+    dynamo: aws_sdk_dynamodb::Client,
+    sqs: aws_sdk_sqs::Client,
+    config: AwsConfig,
+    clock: Arc<dyn Clock>,
+}
+
+impl DynamoStore {
+    /// A store over these clients. Time comes only from `clock`.
+    pub fn new(
+        dynamo: aws_sdk_dynamodb::Client,
+        sqs: aws_sdk_sqs::Client,
+        config: AwsConfig,
+        clock: Arc<dyn Clock>,
+    ) -> DynamoStore {
+        DynamoStore {
+            dynamo,
+            sqs,
+            config,
+            clock,
+        }
+    }
+
+    /// The store a Lambda function uses: [`AwsConfig::from_env`], the SDK's default credentials
+    /// and region, and the system clock.
+    pub async fn from_env() -> Result<DynamoStore, ConfigError> {
+        let config = AwsConfig::from_env()?;
+        let sdk = aws_config::load_defaults(BehaviorVersion::latest()).await;
+        Ok(DynamoStore::new(
+            aws_sdk_dynamodb::Client::new(&sdk),
+            aws_sdk_sqs::Client::new(&sdk),
+            config,
+            Arc::new(SystemClock),
+        ))
+    }
+
+    pub fn config(&self) -> &AwsConfig {
+        &self.config
+    }
+}
+
+/// Reads an SQS message body written by this store: the [`StepMessage`] as JSON.
+pub fn parse_message(body: &str) -> Result<StepMessage, String> {
+    serde_json::from_str(body).map_err(|e| format!("not a step message: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use riposte_core::run::MessageKind;
+
+    #[test]
+    fn messages_parse_from_their_json() {
+        let m = StepMessage {
+            run_id: "r".into(),
+            step: "s".into(),
+            iteration: 2,
+            attempt: 3,
+            kind: MessageKind::ApprovalExpired,
+        };
+        assert_eq!(
+            parse_message(&serde_json::to_string(&m).unwrap()).unwrap(),
+            m
+        );
+        assert!(parse_message("{\"run_id\": 1}").is_err());
+    }
+
+    #[test]
+    fn the_configuration_comes_from_three_variables() {
+        let env = |pairs: &'static [(&'static str, &'static str)]| {
+            move |name: &str| {
+                pairs
+                    .iter()
+                    .find(|(k, _)| *k == name)
+                    .map(|(_, v)| v.to_string())
+            }
+        };
+        let full = AwsConfig::from_vars(env(&[
+            ("RIPOSTE_TABLE", "riposte"),
+            ("RIPOSTE_QUEUE_URL", "https://sqs.example/q"),
+            ("RIPOSTE_RETENTION_DAYS", " 7 "),
+        ]))
+        .unwrap();
+        assert_eq!(
+            full,
+            AwsConfig {
+                table: "riposte".into(),
+                queue_url: "https://sqs.example/q".into(),
+                retention_days: 7
+            }
+        );
+        let defaults = AwsConfig::from_vars(env(&[
+            ("RIPOSTE_TABLE", "riposte"),
+            ("RIPOSTE_QUEUE_URL", "https://sqs.example/q"),
+        ]))
+        .unwrap();
+        assert_eq!(defaults.retention_days, DEFAULT_RETENTION_DAYS);
+        assert!(matches!(
+            AwsConfig::from_vars(env(&[
+                ("RIPOSTE_TABLE", "riposte"),
+                ("RIPOSTE_QUEUE_URL", " ")
+            ])),
+            Err(ConfigError::Missing("RIPOSTE_QUEUE_URL"))
+        ));
+        assert!(matches!(
+            AwsConfig::from_vars(env(&[
+                ("RIPOSTE_TABLE", "t"),
+                ("RIPOSTE_QUEUE_URL", "q"),
+                ("RIPOSTE_RETENTION_DAYS", "ninety")
+            ])),
+            Err(ConfigError::Invalid { .. })
+        ));
+    }
+}

@@ -1,0 +1,724 @@
+//! Runs, their outbox, and timers.
+//!
+//! Guarantee: the conditional write in [`DynamoStore::commit_run`] is the only place a run item
+//! changes state, and it refuses to write while an earlier outbox is pending. An outbox is removed
+//! only by [`DynamoStore::flush`], after every one of its messages was accepted by SQS or written
+//! as a timer item, and only if it is still the same outbox (its id). A timer item is deleted only
+//! after SQS accepted its message.
+
+use std::collections::HashSet;
+
+use aws_sdk_dynamodb::operation::put_item::PutItemError;
+use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
+use aws_sdk_dynamodb::operation::update_item::UpdateItemError;
+use aws_sdk_dynamodb::types::{
+    AttributeValue, Put, ReturnValuesOnConditionCheckFailure, TransactWriteItem,
+};
+use aws_sdk_sqs::types::SendMessageBatchRequestEntry;
+
+use riposte_core::engine::Effects;
+use riposte_core::model::Millis;
+use riposte_core::run::{Run, RunStatus, StepMessage};
+use riposte_core::store::{RunSummary, StoreError};
+
+use crate::DynamoStore;
+use crate::item::{Item, ItemExt, from_json, key, n, names, s, to_json, unavailable, values};
+use crate::outbox::{Outbox, queue_delay, unique_token};
+use crate::size::{
+    BODY_TARGET_BYTES, ITEM_OVERHEAD_BYTES, MAX_ITEM_BYTES, MIN_BODY_BYTES, fit_body,
+};
+use crate::table::{
+    GSI1, GSI2, GSI2_RUNS, SHARDS, SK_RUN, TTL_ATTRIBUTE, outbox_gsi1pk, outbox_gsi1sk, pad,
+    run_gsi2sk, run_pk, shard_of, timer_pk, timer_sk,
+};
+
+/// SendMessageBatch takes at most 10 entries.
+const SQS_BATCH: usize = 10;
+/// Attempts at sending the entries SQS reports as failed in a batch.
+const SQS_ATTEMPTS: usize = 3;
+/// SendMessageBatch calls in flight at once for one flush.
+const SQS_CONCURRENCY: usize = 8;
+/// TransactWriteItems takes at most 100 actions.
+const MAX_TRANSACT_ITEMS: usize = 100;
+/// Pages of one timer shard read per `fire_due_timers` call (100 timers each).
+const TIMER_PAGES: usize = 4;
+const TIMER_PAGE_SIZE: i32 = 100;
+/// How long a claimed timer stays hidden from other firers before it may be fired again.
+const TIMER_CLAIM_MS: Millis = 60_000;
+/// An outbox older than this (by the store's clock) is presumed left by a writer that died, and
+/// a reader or a refused writer sends it; a younger one is left to its writer for a while.
+pub const OUTBOX_GRACE_MS: Millis = 5_000;
+/// Pauses of a refused writer waiting for a young outbox to be cleared by its writer.
+const PATIENCE_MS: [u64; 5] = [50, 100, 200, 400, 800];
+/// The sweep sends outboxes pending for longer than this.
+pub const STALE_OUTBOX_MS: Millis = 60_000;
+/// Pages of one outbox shard read per sweep (25 runs each).
+const OUTBOX_PAGES: usize = 2;
+const OUTBOX_PAGE_SIZE: i32 = 25;
+/// Pages read by `list_runs` when filtering on status.
+const RUN_LIST_PAGES: usize = 10;
+
+/// What the conditional write did.
+pub(crate) enum Commit {
+    /// Written; the outbox (if any) is now to be flushed.
+    Done(Option<Outbox>),
+    /// The run's condition failed; this is the item as it stands (`None`: there is none).
+    Refused(Option<Item>),
+    /// A child run with this id exists already; nothing was written.
+    ChildExists(String),
+}
+
+impl DynamoStore {
+    fn epoch_seconds_after_retention(&self, now: Millis) -> Option<i64> {
+        (self.config.retention_days > 0)
+            .then(|| now / 1000 + i64::from(self.config.retention_days) * 86_400)
+    }
+
+    pub(crate) fn expiry(&self, now: Millis) -> Option<AttributeValue> {
+        self.epoch_seconds_after_retention(now).map(n)
+    }
+
+    /// The run item without its outbox.
+    fn run_item(&self, run: &Run, version: u64, body: String, now: Millis) -> Item {
+        let mut item = key(run_pk(&run.id), SK_RUN);
+        item.extend([
+            ("id".to_string(), s(&run.id)),
+            ("version".to_string(), n(version)),
+            ("status".to_string(), s(run.status.as_str())),
+            ("playbook_id".to_string(), s(&run.playbook_id)),
+            ("playbook_version".to_string(), n(run.playbook_version)),
+            ("created_at".to_string(), n(run.created_at)),
+            ("updated_at".to_string(), n(run.updated_at)),
+            ("body".to_string(), s(body)),
+            ("gsi2pk".to_string(), s(GSI2_RUNS)),
+            ("gsi2sk".to_string(), s(run_gsi2sk(run.created_at, &run.id))),
+        ]);
+        if run.status.is_terminal()
+            && let Some(at) = self.expiry(now)
+        {
+            item.insert(TTL_ATTRIBUTE.into(), at);
+        }
+        item
+    }
+
+    /// Step 1 of the protocol: one conditional write of the run (version + 1, or 1 when
+    /// `expected` is `None`), its outbox and its child runs.
+    pub(crate) async fn commit_run(
+        &self,
+        run: &Run,
+        expected: Option<u64>,
+        fx: &Effects,
+    ) -> Result<Commit, StoreError> {
+        let now = self.clock.now();
+        let version = expected.map_or(1, |v| v + 1);
+        // Names this write: the outbox's id, the transaction's idempotency token, and how a
+        // refusal is recognised as this very write having landed (an SDK retry after a timeout).
+        let token = unique_token();
+        let write_id = format!("{version}.{token}");
+        let outbox = Outbox::new(write_id.clone(), now, &fx.messages);
+        let outbox_json = outbox.as_ref().map(Outbox::to_json).transpose()?;
+        let outbox_len = outbox_json.as_ref().map_or(0, String::len);
+        let budget = BODY_TARGET_BYTES.min(
+            MAX_ITEM_BYTES.saturating_sub(ITEM_OVERHEAD_BYTES + outbox_len + 2 * run.id.len()),
+        );
+        if budget < MIN_BODY_BYTES {
+            return Err(StoreError::Unavailable(format!(
+                "run {}: {} messages in one write ({outbox_len} bytes) leave no room for the run",
+                run.id,
+                fx.messages.len()
+            )));
+        }
+        let body = fit_body(run, budget, now)?;
+        let mut item = self.run_item(run, version, body, now);
+        item.insert("write_id".into(), s(&write_id));
+        if let (Some(ob), Some(json)) = (&outbox, outbox_json) {
+            item.extend([
+                ("outbox".to_string(), s(json)),
+                ("outbox_id".to_string(), s(&ob.id)),
+                ("gsi1pk".to_string(), s(outbox_gsi1pk(&run.id))),
+                ("gsi1sk".to_string(), s(outbox_gsi1sk(now, &run.id))),
+            ]);
+        }
+        let (condition, expr_names, expr_values) = match expected {
+            None => ("attribute_not_exists(pk)", None, None),
+            Some(v) => (
+                "#version = :expected AND attribute_not_exists(#outbox)",
+                names([("#version", "version"), ("#outbox", "outbox")]),
+                values([(":expected", n(v))]),
+            ),
+        };
+
+        if fx.new_runs.is_empty() {
+            let res = self
+                .dynamo
+                .put_item()
+                .table_name(&self.config.table)
+                .set_item(Some(item))
+                .condition_expression(condition)
+                .set_expression_attribute_names(expr_names)
+                .set_expression_attribute_values(expr_values)
+                .return_values_on_condition_check_failure(
+                    ReturnValuesOnConditionCheckFailure::AllOld,
+                )
+                .send()
+                .await;
+            return match res {
+                Ok(_) => Ok(Commit::Done(outbox)),
+                Err(e) => match e.as_service_error() {
+                    Some(PutItemError::ConditionalCheckFailedException(c)) => {
+                        self.refused(&run.id, &write_id, c.item().cloned(), outbox)
+                            .await
+                    }
+                    _ => Err(unavailable(&format!("writing run {}", run.id), e)),
+                },
+            };
+        }
+
+        if fx.new_runs.len() + 1 > MAX_TRANSACT_ITEMS {
+            return Err(StoreError::Unavailable(format!(
+                "run {}: {} child runs in one write; DynamoDB takes at most {}",
+                run.id,
+                fx.new_runs.len(),
+                MAX_TRANSACT_ITEMS - 1
+            )));
+        }
+        let build = |e: aws_sdk_dynamodb::error::BuildError| StoreError::Corrupt(e.to_string());
+        let mut actions = vec![
+            TransactWriteItem::builder()
+                .put(
+                    Put::builder()
+                        .table_name(&self.config.table)
+                        .set_item(Some(item))
+                        .condition_expression(condition)
+                        .set_expression_attribute_names(expr_names)
+                        .set_expression_attribute_values(expr_values)
+                        .return_values_on_condition_check_failure(
+                            ReturnValuesOnConditionCheckFailure::AllOld,
+                        )
+                        .build()
+                        .map_err(build)?,
+                )
+                .build(),
+        ];
+        for child in &fx.new_runs {
+            let body = fit_body(child, BODY_TARGET_BYTES, now)?;
+            actions.push(
+                TransactWriteItem::builder()
+                    .put(
+                        Put::builder()
+                            .table_name(&self.config.table)
+                            .set_item(Some(self.run_item(child, 1, body, now)))
+                            .condition_expression("attribute_not_exists(pk)")
+                            .build()
+                            .map_err(build)?,
+                    )
+                    .build(),
+            );
+        }
+        let res = self
+            .dynamo
+            .transact_write_items()
+            .set_transact_items(Some(actions))
+            .client_request_token(&token)
+            .send()
+            .await;
+        match res {
+            Ok(_) => Ok(Commit::Done(outbox)),
+            Err(e) => {
+                let Some(TransactWriteItemsError::TransactionCanceledException(c)) =
+                    e.as_service_error()
+                else {
+                    return Err(unavailable(&format!("writing run {}", run.id), e));
+                };
+                let reasons = c.cancellation_reasons();
+                let failed = |r: &aws_sdk_dynamodb::types::CancellationReason| {
+                    r.code() == Some("ConditionalCheckFailed")
+                };
+                if let Some(first) = reasons.first()
+                    && failed(first)
+                {
+                    return self
+                        .refused(&run.id, &write_id, first.item().cloned(), outbox)
+                        .await;
+                }
+                if let Some(i) = reasons.iter().skip(1).position(failed) {
+                    return Ok(Commit::ChildExists(fx.new_runs[i].id.clone()));
+                }
+                if reasons
+                    .iter()
+                    .any(|r| r.code() == Some("TransactionConflict"))
+                {
+                    return Err(StoreError::Conflict(format!(
+                        "run {}: a concurrent transaction on the same items",
+                        run.id
+                    )));
+                }
+                Err(unavailable(&format!("writing run {}", run.id), e))
+            }
+        }
+    }
+
+    /// A refused run write: `Done` after all if the item is this very write (the SDK retried a
+    /// request that had landed), else `Refused` with the item as it stands.
+    async fn refused(
+        &self,
+        run_id: &str,
+        write_id: &str,
+        item: Option<Item>,
+        outbox: Option<Outbox>,
+    ) -> Result<Commit, StoreError> {
+        let item = match item {
+            Some(i) => Some(i),
+            None => self.get_run_item(run_id).await?,
+        };
+        if item
+            .as_ref()
+            .is_some_and(|i| i.opt_str("write_id") == Some(write_id))
+        {
+            return Ok(Commit::Done(outbox));
+        }
+        Ok(Commit::Refused(item))
+    }
+
+    /// Steps 2 and 3 right after a commit. A failure here is not the caller's: the messages are
+    /// safe in the outbox and the next reader or the sweep sends them.
+    pub(crate) async fn flush_after_commit(&self, run_id: &str, outbox: Option<Outbox>) {
+        if let Some(ob) = outbox
+            && let Err(error) = self.flush(run_id, &ob).await
+        {
+            tracing::warn!(
+                message = "Outbox left for a later flush.",
+                run_id,
+                outbox = %ob.id,
+                %error
+            );
+        }
+    }
+
+    /// Sees to the outbox pending on a run whose write was refused. `item` is the run item as it
+    /// stood at the refusal (`None`: read it now). An outbox younger than
+    /// [`OUTBOX_GRACE_MS`] most likely belongs to a writer still sending it: this waits (about
+    /// 1.5 s at most, re-reading) for that writer to clear it, so that its messages are not all
+    /// sent twice. One that is older, or still there after the wait, is flushed here.
+    pub(crate) async fn flush_refused(
+        &self,
+        run_id: &str,
+        item: Option<Item>,
+    ) -> Result<(), StoreError> {
+        let mut item = match item {
+            Some(i) => Some(i),
+            None => self.get_run_item(run_id).await?,
+        };
+        for pause in PATIENCE_MS {
+            let Some(ob) = pending_outbox(run_id, item.as_ref())? else {
+                return Ok(());
+            };
+            if self.is_abandoned(&ob) {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(pause)).await;
+            item = self.get_run_item(run_id).await?;
+            if pending_outbox(run_id, item.as_ref())?.map(|o| o.id) != Some(ob.id) {
+                // Its writer finished; any outbox there now is another live writer's.
+                return Ok(());
+            }
+        }
+        if let Some(ob) = pending_outbox(run_id, item.as_ref())? {
+            self.flush(run_id, &ob).await?;
+        }
+        Ok(())
+    }
+
+    /// Whether an outbox is old enough that its writer is presumed dead.
+    fn is_abandoned(&self, outbox: &Outbox) -> bool {
+        self.clock.now().saturating_sub(outbox.at) >= OUTBOX_GRACE_MS
+    }
+
+    pub(crate) async fn get_run_item(&self, run_id: &str) -> Result<Option<Item>, StoreError> {
+        let out = self
+            .dynamo
+            .get_item()
+            .table_name(&self.config.table)
+            .set_key(Some(key(run_pk(run_id), SK_RUN)))
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(|e| unavailable(&format!("reading run {run_id}"), e))?;
+        Ok(out.item)
+    }
+
+    /// A run item's run and version; first flushes a pending outbox whose writer is presumed dead
+    /// (step 4 of the protocol). A younger one is left to its writer: should the caller write
+    /// meanwhile, the write is refused and [`Self::flush_refused`] sees to it.
+    pub(crate) async fn read_run(&self, run_id: &str) -> Result<Option<(Run, u64)>, StoreError> {
+        let Some(item) = self.get_run_item(run_id).await? else {
+            return Ok(None);
+        };
+        let version: u64 = item.num("version")?;
+        let run: Run = from_json(&format!("run {run_id}"), item.str("body")?)?;
+        if let Some(ob) = pending_outbox(run_id, Some(&item))?
+            && self.is_abandoned(&ob)
+            && let Err(error) = self.flush(run_id, &ob).await
+        {
+            // The run is still readable; its next write is refused until the flush succeeds.
+            tracing::warn!(message = "Pending outbox not flushed on load.", run_id, outbox = %ob.id, %error);
+        }
+        Ok(Some((run, version)))
+    }
+
+    /// Steps 2 and 3: sends every message (timers for the far ones), then removes the outbox if
+    /// it is still this one.
+    pub(crate) async fn flush(&self, run_id: &str, outbox: &Outbox) -> Result<(), StoreError> {
+        let now = self.clock.now();
+        let mut queue = Vec::new();
+        for (i, (msg, due)) in outbox.messages()?.into_iter().enumerate() {
+            match queue_delay(due, now) {
+                Some(delay) => queue.push((msg, delay)),
+                // The timer's id derives from the outbox's, so a repeated flush rewrites it.
+                None => {
+                    self.put_timer(&msg, due, &format!("{}.{i}", outbox.id))
+                        .await?
+                }
+            }
+        }
+        self.send(&queue).await?;
+        self.clear_outbox(run_id, &outbox.id).await
+    }
+
+    async fn clear_outbox(&self, run_id: &str, outbox_id: &str) -> Result<(), StoreError> {
+        let res = self
+            .dynamo
+            .update_item()
+            .table_name(&self.config.table)
+            .set_key(Some(key(run_pk(run_id), SK_RUN)))
+            .update_expression("REMOVE #outbox, #outbox_id, gsi1pk, gsi1sk")
+            .condition_expression("#outbox_id = :id")
+            .set_expression_attribute_names(names([
+                ("#outbox", "outbox"),
+                ("#outbox_id", "outbox_id"),
+            ]))
+            .set_expression_attribute_values(values([(":id", s(outbox_id))]))
+            .send()
+            .await;
+        match res {
+            Ok(_) => Ok(()),
+            // Someone else flushed it (and perhaps a later writer committed a new one).
+            Err(e)
+                if matches!(
+                    e.as_service_error(),
+                    Some(UpdateItemError::ConditionalCheckFailedException(_))
+                ) =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(unavailable(
+                &format!("clearing the outbox of run {run_id}"),
+                e,
+            )),
+        }
+    }
+
+    async fn put_timer(&self, msg: &StepMessage, due: Millis, id: &str) -> Result<(), StoreError> {
+        let mut item = key(timer_pk(shard_of(id)), timer_sk(due, id));
+        item.extend([
+            ("body".to_string(), s(to_json(msg)?)),
+            ("run_id".to_string(), s(&msg.run_id)),
+            ("due_at".to_string(), n(due)),
+        ]);
+        self.dynamo
+            .put_item()
+            .table_name(&self.config.table)
+            .set_item(Some(item))
+            .send()
+            .await
+            .map_err(|e| unavailable(&format!("writing a timer for run {}", msg.run_id), e))?;
+        Ok(())
+    }
+
+    /// Sends messages with their delays (seconds), ten per call and up to
+    /// [`SQS_CONCURRENCY`] calls at a time; every one is accepted or this fails.
+    pub(crate) async fn send(&self, messages: &[(StepMessage, i32)]) -> Result<(), StoreError> {
+        let mut chunks = messages.chunks(SQS_BATCH);
+        let mut in_flight = tokio::task::JoinSet::new();
+        loop {
+            while in_flight.len() < SQS_CONCURRENCY
+                && let Some(chunk) = chunks.next()
+            {
+                let entries = chunk
+                    .iter()
+                    .enumerate()
+                    .map(|(i, (msg, delay))| {
+                        SendMessageBatchRequestEntry::builder()
+                            .id(i.to_string())
+                            .message_body(to_json(msg)?)
+                            .delay_seconds(*delay)
+                            .build()
+                            .map_err(|e| StoreError::Corrupt(e.to_string()))
+                    })
+                    .collect::<Result<Vec<_>, StoreError>>()?;
+                in_flight.spawn(send_batch(
+                    self.sqs.clone(),
+                    self.config.queue_url.clone(),
+                    entries,
+                ));
+            }
+            match in_flight.join_next().await {
+                None => return Ok(()),
+                Some(Ok(Ok(()))) => {}
+                // Dropping the set aborts the other calls; the outbox stays and is sent again.
+                Some(Ok(Err(e))) => return Err(e),
+                Some(Err(e)) => {
+                    return Err(StoreError::Unavailable(format!(
+                        "sending step messages: {e}"
+                    )));
+                }
+            }
+        }
+    }
+
+    /// Sends the timers due at `now` (their sort key's time ≤ `now`), each once: a timer is
+    /// claimed with a conditional write, sent, then deleted. A firer that dies after claiming
+    /// leaves the timer to be fired again after a minute. Reads at most 4 pages of 100 per shard
+    /// per call; returns how many it sent.
+    ///
+    /// The timer function calls this and [`Self::flush_stale_outboxes`] on every tick.
+    pub async fn fire_due_timers(&self, now: Millis) -> Result<usize, StoreError> {
+        let mut fired = 0;
+        for shard in 0..SHARDS {
+            fired += self.fire_shard(shard, now).await?;
+        }
+        Ok(fired)
+    }
+
+    async fn fire_shard(&self, shard: u32, now: Millis) -> Result<usize, StoreError> {
+        let mut fired = 0;
+        let mut start = None;
+        for _ in 0..TIMER_PAGES {
+            let page = self
+                .dynamo
+                .query()
+                .table_name(&self.config.table)
+                .key_condition_expression("pk = :pk AND sk < :upper")
+                .filter_expression("attribute_not_exists(claim_until) OR claim_until < :now")
+                .set_expression_attribute_values(values([
+                    (":pk", s(timer_pk(shard))),
+                    (":upper", s(pad(now.saturating_add(1)))),
+                    (":now", n(now)),
+                ]))
+                .consistent_read(true)
+                .limit(TIMER_PAGE_SIZE)
+                .set_exclusive_start_key(start)
+                .send()
+                .await
+                .map_err(|e| unavailable("reading due timers", e))?;
+            let mut claimed = Vec::new();
+            for item in page.items() {
+                let sk = item.str("sk")?;
+                let msg: StepMessage = from_json(&format!("timer {sk}"), item.str("body")?)?;
+                let token = unique_token();
+                let res = self
+                    .dynamo
+                    .update_item()
+                    .table_name(&self.config.table)
+                    .set_key(Some(key(timer_pk(shard), sk)))
+                    .update_expression("SET claim_until = :until, claim = :token")
+                    .condition_expression(
+                        "attribute_exists(pk) AND (attribute_not_exists(claim_until) OR claim_until < :now)",
+                    )
+                    .set_expression_attribute_values(values([
+                        (":until", n(now.saturating_add(TIMER_CLAIM_MS))),
+                        (":token", s(&token)),
+                        (":now", n(now)),
+                    ]))
+                    .send()
+                    .await;
+                match res {
+                    Ok(_) => claimed.push((sk.to_string(), token, msg)),
+                    Err(e)
+                        if matches!(
+                            e.as_service_error(),
+                            Some(UpdateItemError::ConditionalCheckFailedException(_))
+                        ) => {} // fired or claimed by another
+                    Err(e) => return Err(unavailable("claiming a timer", e)),
+                }
+            }
+            let batch: Vec<(StepMessage, i32)> =
+                claimed.iter().map(|(_, _, m)| (m.clone(), 0)).collect();
+            self.send(&batch).await?;
+            for (sk, token, _) in &claimed {
+                let res = self
+                    .dynamo
+                    .delete_item()
+                    .table_name(&self.config.table)
+                    .set_key(Some(key(timer_pk(shard), sk.as_str())))
+                    .condition_expression("claim = :token")
+                    .set_expression_attribute_values(values([(":token", s(token))]))
+                    .send()
+                    .await;
+                if let Err(e) = res
+                    && !matches!(
+                        e.as_service_error(),
+                        Some(aws_sdk_dynamodb::operation::delete_item::DeleteItemError::ConditionalCheckFailedException(_))
+                    )
+                {
+                    // Sent already: at worst it is sent again after the claim lapses.
+                    tracing::warn!(message = "Fired timer not deleted.", timer = %sk, error = %crate::item::unavailable("deleting a timer", e));
+                }
+            }
+            fired += claimed.len();
+            start = page.last_evaluated_key;
+            if start.is_none() {
+                break;
+            }
+        }
+        Ok(fired)
+    }
+
+    /// Sends the outboxes pending for more than [`STALE_OUTBOX_MS`] at `now` (their writer died
+    /// between commit and flush), for runs nobody reads or writes again. Reads at most 50 runs
+    /// per shard per call; returns how many runs it flushed.
+    pub async fn flush_stale_outboxes(&self, now: Millis) -> Result<usize, StoreError> {
+        let cutoff = pad(now.saturating_sub(STALE_OUTBOX_MS));
+        let mut flushed = 0;
+        for shard in 0..SHARDS {
+            let mut start = None;
+            for _ in 0..OUTBOX_PAGES {
+                let page = self
+                    .dynamo
+                    .query()
+                    .table_name(&self.config.table)
+                    .index_name(GSI1)
+                    .key_condition_expression("gsi1pk = :pk AND gsi1sk < :cutoff")
+                    .set_expression_attribute_values(values([
+                        (":pk", s(format!("OUTBOX#{shard}"))),
+                        (":cutoff", s(cutoff.clone())),
+                    ]))
+                    .limit(OUTBOX_PAGE_SIZE)
+                    .set_exclusive_start_key(start)
+                    .send()
+                    .await
+                    .map_err(|e| unavailable("reading pending outboxes", e))?;
+                for item in page.items() {
+                    let run_id = item.str("id")?;
+                    // The index lags: read the run itself before sending anything.
+                    let current = self.get_run_item(run_id).await?;
+                    if let Some(ob) = pending_outbox(run_id, current.as_ref())? {
+                        self.flush(run_id, &ob).await?;
+                        flushed += 1;
+                    }
+                }
+                start = page.last_evaluated_key;
+                if start.is_none() {
+                    break;
+                }
+            }
+        }
+        Ok(flushed)
+    }
+
+    /// Runs newest first (ties by id, descending), from the runs-by-time index.
+    pub(crate) async fn query_runs(
+        &self,
+        limit: usize,
+        status: Option<RunStatus>,
+    ) -> Result<Vec<RunSummary>, StoreError> {
+        let mut out = Vec::new();
+        if limit == 0 {
+            return Ok(out);
+        }
+        let page_size = i32::try_from(limit.max(25)).unwrap_or(1000).min(1000);
+        let (filter, expr_names, expr_values) = match status {
+            Some(st) => (
+                Some("#status = :status".to_string()),
+                names([("#status", "status")]),
+                values([(":pk", s(GSI2_RUNS)), (":status", s(st.as_str()))]),
+            ),
+            None => (None, None, values([(":pk", s(GSI2_RUNS))])),
+        };
+        let mut start = None;
+        for _ in 0..RUN_LIST_PAGES {
+            let page = self
+                .dynamo
+                .query()
+                .table_name(&self.config.table)
+                .index_name(GSI2)
+                .key_condition_expression("gsi2pk = :pk")
+                .set_filter_expression(filter.clone())
+                .set_expression_attribute_names(expr_names.clone())
+                .set_expression_attribute_values(expr_values.clone())
+                .scan_index_forward(false)
+                .limit(page_size)
+                .set_exclusive_start_key(start)
+                .send()
+                .await
+                .map_err(|e| unavailable("listing runs", e))?;
+            for item in page.items() {
+                out.push(summary(item)?);
+                if out.len() >= limit {
+                    return Ok(out);
+                }
+            }
+            start = page.last_evaluated_key;
+            if start.is_none() {
+                break;
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn summary(item: &Item) -> Result<RunSummary, StoreError> {
+    let status = item.str("status")?;
+    Ok(RunSummary {
+        id: item.str("id")?.to_string(),
+        playbook_id: item.str("playbook_id")?.to_string(),
+        playbook_version: item.num("playbook_version")?,
+        status: from_json("run status", &format!("\"{status}\""))?,
+        created_at: item.num("created_at")?,
+        updated_at: item.num("updated_at")?,
+    })
+}
+
+/// One SendMessageBatch call, again for the entries SQS reports as failed (at most
+/// [`SQS_ATTEMPTS`] times); fails unless every entry was accepted.
+async fn send_batch(
+    sqs: aws_sdk_sqs::Client,
+    queue_url: String,
+    mut entries: Vec<SendMessageBatchRequestEntry>,
+) -> Result<(), StoreError> {
+    let mut last_error = String::new();
+    for _ in 0..SQS_ATTEMPTS {
+        let out = sqs
+            .send_message_batch()
+            .queue_url(&queue_url)
+            .set_entries(Some(entries.clone()))
+            .send()
+            .await
+            .map_err(|e| unavailable("sending step messages", e))?;
+        let mut failed = HashSet::new();
+        for f in out.failed() {
+            last_error = format!("{}: {}", f.code(), f.message().unwrap_or_default());
+            if f.sender_fault() {
+                return Err(StoreError::Unavailable(format!(
+                    "SQS refused a step message: {last_error}"
+                )));
+            }
+            failed.insert(f.id().to_string());
+        }
+        entries.retain(|e| failed.contains(e.id()));
+        if entries.is_empty() {
+            return Ok(());
+        }
+    }
+    Err(StoreError::Unavailable(format!(
+        "SQS did not accept {} step messages: {last_error}",
+        entries.len()
+    )))
+}
+
+/// The outbox pending on a run item, if any.
+fn pending_outbox(run_id: &str, item: Option<&Item>) -> Result<Option<Outbox>, StoreError> {
+    item.and_then(|i| i.opt_str("outbox"))
+        .map(|text| Outbox::parse(run_id, text))
+        .transpose()
+}

@@ -1,0 +1,779 @@
+//! The DynamoDB store against the real SDK and a real emulator (moto): the Store contract, the
+//! outbox under a crash, timers, size limits and retention.
+
+mod support;
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use aws_sdk_dynamodb::types::{BillingMode, ProjectionType, TimeToLiveStatus};
+use serde_json::json;
+
+use riposte_aws::OUTBOX_GRACE_MS;
+use riposte_core::engine::Effects;
+use riposte_core::model::AlertKind;
+use riposte_core::playbook::{PlaybookSpec, StepSpec};
+use riposte_core::ports::Clock;
+use riposte_core::rule::{Evaluation, Rule};
+use riposte_core::run::{Iteration, MessageKind, RunStatus, StepState, StepStatus};
+use riposte_core::store::{AlertRecord, AuditEntry, EventRecord, Store, StoreError};
+
+use support::*;
+
+const HOUR: u64 = 3_600_000;
+
+fn playbook(id: &str, name: &str) -> PlaybookSpec {
+    PlaybookSpec {
+        id: id.into(),
+        name: name.into(),
+        description: String::new(),
+        vars: Default::default(),
+        separate_approver: false,
+        steps: vec![StepSpec {
+            id: "block".into(),
+            action: Some("noop".into()),
+            ..Default::default()
+        }],
+    }
+}
+
+fn rule(id: &str, order: i64, trigger: AlertKind) -> Rule {
+    Rule {
+        id: id.into(),
+        name: format!("rule {id}"),
+        description: String::new(),
+        enabled: true,
+        order,
+        trigger,
+        condition: "true".into(),
+        playbooks: vec!["block-ip".into()],
+        terminal: false,
+        expires: None,
+        updated_by: None,
+        updated_at: None,
+    }
+}
+
+fn ids(rules: &[Rule]) -> Vec<&str> {
+    rules.iter().map(|r| r.id.as_str()).collect()
+}
+
+#[tokio::test]
+async fn the_table_has_both_indexes_on_demand_with_ttl() {
+    let f = fixture().await;
+    let t = f
+        .dynamo
+        .describe_table()
+        .table_name(&f.table)
+        .send()
+        .await
+        .unwrap()
+        .table
+        .unwrap();
+    let billing = t.billing_mode_summary().and_then(|b| b.billing_mode());
+    assert_eq!(billing, Some(&BillingMode::PayPerRequest));
+    let mut indexes: Vec<_> = t
+        .global_secondary_indexes()
+        .iter()
+        .map(|g| {
+            (
+                g.index_name().unwrap().to_string(),
+                g.key_schema()
+                    .iter()
+                    .map(|k| k.attribute_name().to_string())
+                    .collect::<Vec<_>>(),
+                g.projection().and_then(|p| p.projection_type()).cloned(),
+            )
+        })
+        .collect();
+    indexes.sort();
+    assert_eq!(
+        indexes,
+        [
+            (
+                "gsi1".to_string(),
+                vec!["gsi1pk".to_string(), "gsi1sk".to_string()],
+                Some(ProjectionType::All)
+            ),
+            (
+                "gsi2".to_string(),
+                vec!["gsi2pk".to_string(), "gsi2sk".to_string()],
+                Some(ProjectionType::All)
+            ),
+        ]
+    );
+    let ttl = f
+        .dynamo
+        .describe_time_to_live()
+        .table_name(&f.table)
+        .send()
+        .await
+        .unwrap()
+        .time_to_live_description
+        .unwrap();
+    assert_eq!(ttl.attribute_name(), Some("expires_at"));
+    assert_eq!(ttl.time_to_live_status(), Some(&TimeToLiveStatus::Enabled));
+}
+
+#[tokio::test]
+async fn playbook_versions_are_numbered_and_survive_deletion() {
+    let f = fixture().await;
+    let s = &f.store;
+    let v1 = playbook("block-ip", "Block an IP");
+    assert_eq!(s.put_playbook(&v1, "ann", T0).await.unwrap(), 1);
+    // The same spec again is the same version.
+    assert_eq!(s.put_playbook(&v1, "bob", T0 + 1).await.unwrap(), 1);
+    let v2 = playbook("block-ip", "Block an IP address");
+    assert_eq!(s.put_playbook(&v2, "bob", T0 + 2).await.unwrap(), 2);
+    s.put_playbook(&playbook("disable-user", "Disable"), "ann", T0)
+        .await
+        .unwrap();
+
+    let latest = s.get_playbook("block-ip", None).await.unwrap().unwrap();
+    assert_eq!(
+        (
+            latest.version,
+            latest.spec.name.as_str(),
+            latest.created_by.as_str()
+        ),
+        (2, "Block an IP address", "bob")
+    );
+    let first = s.get_playbook("block-ip", Some(1)).await.unwrap().unwrap();
+    assert_eq!((first.spec, first.created_at), (v1.clone(), T0));
+    assert!(s.get_playbook("block-ip", Some(3)).await.unwrap().is_none());
+    assert!(s.get_playbook("nope", None).await.unwrap().is_none());
+    let listed: Vec<_> = s
+        .list_playbooks()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|p| (p.spec.id, p.version))
+        .collect();
+    assert_eq!(
+        listed,
+        [("block-ip".to_string(), 2), ("disable-user".to_string(), 1)]
+    );
+
+    // Deleting hides the latest; the versions stay for the runs that pinned them.
+    assert!(s.delete_playbook("block-ip").await.unwrap());
+    assert!(!s.delete_playbook("block-ip").await.unwrap());
+    assert!(!s.delete_playbook("nope").await.unwrap());
+    assert!(s.get_playbook("block-ip", None).await.unwrap().is_none());
+    let pinned = s.get_playbook("block-ip", Some(1)).await.unwrap().unwrap();
+    assert!(pinned.deleted);
+    assert_eq!(pinned.spec, v1);
+    let listed: Vec<_> = s
+        .list_playbooks()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|p| p.spec.id)
+        .collect();
+    assert_eq!(listed, ["disable-user"]);
+    // Storing it again brings it back as a new version.
+    assert_eq!(s.put_playbook(&v2, "ann", T0 + 3).await.unwrap(), 3);
+    assert_eq!(
+        s.get_playbook("block-ip", None)
+            .await
+            .unwrap()
+            .unwrap()
+            .version,
+        3
+    );
+}
+
+#[tokio::test]
+async fn concurrent_playbook_writers_never_share_a_version() {
+    let f = fixture().await;
+    let specs: Vec<_> = (0..4)
+        .map(|i| playbook("contain", &format!("variant {i}")))
+        .collect();
+    let put = |i: usize| f.store.put_playbook(&specs[i], "ann", T0);
+    let (a, b, c, d) = tokio::join!(put(0), put(1), put(2), put(3));
+    let mut versions = [a.unwrap(), b.unwrap(), c.unwrap(), d.unwrap()];
+    versions.sort();
+    assert_eq!(versions, [1, 2, 3, 4]);
+    // Every version holds the spec its writer was told it holds.
+    for v in 1..=4 {
+        assert!(
+            f.store
+                .get_playbook("contain", Some(v))
+                .await
+                .unwrap()
+                .is_some()
+        );
+    }
+}
+
+#[tokio::test]
+async fn rules_list_by_trigger_in_order_with_ties_by_id() {
+    let f = fixture().await;
+    let s = &f.store;
+    for r in [
+        rule("b", 5, AlertKind::Alert),
+        rule("a", 5, AlertKind::Alert),
+        rule("late", 100, AlertKind::Alert),
+        rule("first", -3, AlertKind::Alert),
+        rule("posture", 0, AlertKind::Recommendation),
+        rule("min", i64::MIN, AlertKind::Recommendation),
+    ] {
+        s.put_rule(&r).await.unwrap();
+    }
+    assert_eq!(
+        ids(&s.list_rules(Some(AlertKind::Alert)).await.unwrap()),
+        ["first", "a", "b", "late"]
+    );
+    assert_eq!(
+        ids(&s.list_rules(Some(AlertKind::Recommendation)).await.unwrap()),
+        ["min", "posture"]
+    );
+    assert_eq!(
+        ids(&s.list_rules(None).await.unwrap()),
+        ["min", "first", "posture", "a", "b", "late"]
+    );
+    assert_eq!(
+        s.get_rule("a").await.unwrap().unwrap(),
+        rule("a", 5, AlertKind::Alert)
+    );
+    assert!(s.get_rule("zzz").await.unwrap().is_none());
+
+    // A rule moved to the other trigger and order leaves its old place.
+    s.put_rule(&rule("b", -10, AlertKind::Recommendation))
+        .await
+        .unwrap();
+    assert_eq!(
+        ids(&s.list_rules(Some(AlertKind::Alert)).await.unwrap()),
+        ["first", "a", "late"]
+    );
+    assert_eq!(
+        ids(&s.list_rules(Some(AlertKind::Recommendation)).await.unwrap()),
+        ["min", "b", "posture"]
+    );
+
+    assert!(s.delete_rule("a").await.unwrap());
+    assert!(!s.delete_rule("a").await.unwrap());
+    assert!(s.get_rule("a").await.unwrap().is_none());
+    assert_eq!(
+        ids(&s.list_rules(Some(AlertKind::Alert)).await.unwrap()),
+        ["first", "late"]
+    );
+}
+
+#[tokio::test]
+async fn the_audit_trail_lists_newest_first_in_the_order_written() {
+    let f = fixture().await;
+    let entry = |i: i64| AuditEntry {
+        at: T0,
+        by: "ann".into(),
+        action: "rule.put".into(),
+        target: format!("rule-{i}"),
+        detail: None,
+    };
+    // Several in the same millisecond, then one later.
+    for i in 0..5 {
+        f.store.append_audit(&entry(i)).await.unwrap();
+    }
+    f.clock.advance(1);
+    f.store.append_audit(&entry(5)).await.unwrap();
+    let targets = |v: Vec<AuditEntry>| v.into_iter().map(|e| e.target).collect::<Vec<_>>();
+    assert_eq!(
+        targets(f.store.list_audit(10).await.unwrap()),
+        ["rule-5", "rule-4", "rule-3", "rule-2", "rule-1", "rule-0"]
+    );
+    assert_eq!(
+        targets(f.store.list_audit(2).await.unwrap()),
+        ["rule-5", "rule-4"]
+    );
+    assert!(f.store.list_audit(0).await.unwrap().is_empty());
+    // Audit entries never expire.
+    let out = f
+        .dynamo
+        .query()
+        .table_name(&f.table)
+        .key_condition_expression("pk = :pk")
+        .expression_attribute_values(
+            ":pk",
+            aws_sdk_dynamodb::types::AttributeValue::S("AUDIT".into()),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(out.items().len(), 6);
+    assert!(out.items().iter().all(|i| !i.contains_key("expires_at")));
+}
+
+#[tokio::test]
+async fn event_records_round_trip_and_expire_after_retention() {
+    let f = fixture().await;
+    let record = EventRecord {
+        event_id: "evt-1".into(),
+        received_at: T0,
+        source: "aws.guardduty".into(),
+        alerts: vec![AlertRecord {
+            alert_id: "a1".into(),
+            kind: AlertKind::Alert,
+            title: "Recon".into(),
+            evaluation: Evaluation { lines: vec![] },
+            runs: vec!["r1".into()],
+        }],
+    };
+    f.store.put_event(&record).await.unwrap();
+    assert_eq!(f.store.get_event("evt-1").await.unwrap().unwrap(), record);
+    assert!(f.store.get_event("evt-2").await.unwrap().is_none());
+    let raw = f.raw("EVENT#evt-1", "EVENT").await.unwrap();
+    assert_eq!(
+        attr_n(&raw, "expires_at"),
+        Some(T0 / 1000 + i64::from(RETENTION_DAYS) * 86_400)
+    );
+}
+
+#[tokio::test]
+async fn creating_a_run_twice_creates_and_sends_once() {
+    let f = fixture().await;
+    let r = run("r1", T0);
+    let first = sends(&[(msg("r1", "lookup"), 0)]);
+    assert!(f.store.create_run(&r, &first).await.unwrap());
+    assert_eq!(f.drain().await, [msg("r1", "lookup")]);
+
+    let mut again = r.clone();
+    again.input = json!({"ip": "198.51.100.1"});
+    let second = sends(&[(msg("r1", "other"), 0)]);
+    assert!(!f.store.create_run(&again, &second).await.unwrap());
+    assert_eq!(f.queued().await, 0);
+    assert!(f.drain().await.is_empty());
+    let (loaded, version) = f.store.load_run("r1").await.unwrap().unwrap();
+    assert_eq!((loaded, version), (r, 1));
+    assert!(f.store.load_run("r2").await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn a_stale_save_conflicts_and_changes_nothing() {
+    let f = fixture().await;
+    let r = run("r1", T0);
+    f.store.create_run(&r, &none()).await.unwrap();
+    let mut v2 = r.clone();
+    v2.status = RunStatus::Running;
+    f.store
+        .save_run(&v2, 1, &sends(&[(msg("r1", "a"), 0)]))
+        .await
+        .unwrap();
+    assert_eq!(f.drain().await, [msg("r1", "a")]);
+
+    let mut stale = r.clone();
+    stale.status = RunStatus::Failed;
+    let err = f
+        .store
+        .save_run(&stale, 1, &sends(&[(msg("r1", "b"), 0)]))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Conflict(_)), "{err:?}");
+    assert_eq!(f.store.load_run("r1").await.unwrap().unwrap(), (v2, 2));
+    assert_eq!(f.queued().await, 0);
+    // A run that does not exist is a conflict too (nothing to update).
+    assert!(matches!(
+        f.store.save_run(&run("ghost", T0), 1, &none()).await,
+        Err(StoreError::Conflict(_))
+    ));
+    assert!(f.raw_run("ghost").await.is_none());
+}
+
+#[tokio::test]
+async fn messages_reach_sqs_with_their_delays_and_far_ones_become_timers() {
+    let f = fixture().await;
+    let r = run("r1", T0);
+    f.store.create_run(&r, &none()).await.unwrap();
+    let mut resume = msg("r1", "wait");
+    resume.kind = MessageKind::Resume;
+    let mut expiry = msg("r1", "approve");
+    expiry.kind = MessageKind::ApprovalExpired;
+    let fx = sends(&[
+        (msg("r1", "now"), 0),
+        (resume.clone(), 2_000),
+        (expiry.clone(), 4 * HOUR),
+    ]);
+    let sent_at = Instant::now();
+    f.store.save_run(&r, 1, &fx).await.unwrap();
+
+    // At once: only the undelayed one; the 2 s one is delayed, the 4 h one is not on SQS.
+    assert_eq!(f.drain().await, [msg("r1", "now")]);
+    assert_eq!(f.queued().await, 1);
+    let got = f.receive(1, Duration::from_secs(10)).await;
+    assert_eq!(got, [resume]);
+    assert!(
+        sent_at.elapsed() >= Duration::from_millis(1_900),
+        "a 2 s delay was visible after {:?}",
+        sent_at.elapsed()
+    );
+    // The outbox is gone once everything was sent.
+    let raw = f.raw_run("r1").await.unwrap();
+    assert!(!raw.contains_key("outbox"));
+    assert!(!raw.contains_key("gsi1pk"));
+
+    // The timer fires at its time, not before, and once.
+    assert_eq!(f.store.fire_due_timers(T0).await.unwrap(), 0);
+    let due = T0 + 4 * HOUR as i64;
+    assert_eq!(f.store.fire_due_timers(due - 1).await.unwrap(), 0);
+    assert!(f.drain().await.is_empty());
+    assert_eq!(f.store.fire_due_timers(due).await.unwrap(), 1);
+    assert_eq!(f.drain().await, [expiry]);
+    assert_eq!(f.store.fire_due_timers(due + 60_000).await.unwrap(), 0);
+    assert_eq!(f.store.fire_due_timers(due + 600_000).await.unwrap(), 0);
+    assert_eq!(f.queued().await, 0);
+}
+
+#[tokio::test]
+async fn a_wide_fan_out_in_one_write_all_arrives() {
+    let f = fixture().await;
+    let r = run("fan", T0);
+    f.store.create_run(&r, &none()).await.unwrap();
+    let fx = Effects {
+        // 25 batches; the compact outbox's room for 1000 is checked in the unit tests.
+        messages: (0..250)
+            .map(|i| {
+                let mut m = msg("fan", "block_ip");
+                m.iteration = i;
+                (m, 0)
+            })
+            .collect(),
+        new_runs: vec![],
+    };
+    f.store.save_run(&r, 1, &fx).await.unwrap();
+    let got: HashSet<u32> = f.drain().await.into_iter().map(|m| m.iteration).collect();
+    assert_eq!(got, (0..250).collect());
+    assert!(!f.raw_run("fan").await.unwrap().contains_key("outbox"));
+}
+
+#[tokio::test]
+async fn a_writer_that_died_after_committing_is_finished_by_the_next_reader() {
+    let f = fixture().await;
+    let r = run("r1", T0);
+    f.store.create_run(&r, &none()).await.unwrap();
+    let mut v2 = r.clone();
+    v2.status = RunStatus::Running;
+    let fx = sends(&[(msg("r1", "a"), 0), (msg("r1", "b"), 0)]);
+    assert!(f.store.save_run_without_flush(&v2, 1, &fx).await.unwrap());
+    // Committed, not sent: the outbox holds the messages.
+    let raw = f.raw_run("r1").await.unwrap();
+    assert!(attr_s(&raw, "outbox").is_some());
+    assert_eq!(attr_n(&raw, "version"), Some(2));
+    assert_eq!(f.queued().await, 0);
+
+    // A reader right away leaves it to its writer, presumably still sending it.
+    assert_eq!(
+        f.store.load_run("r1").await.unwrap().unwrap(),
+        (v2.clone(), 2)
+    );
+    assert_eq!(f.queued().await, 0);
+    assert!(f.raw_run("r1").await.unwrap().contains_key("outbox"));
+    // Once the writer is presumed dead, the next reader sends them and clears the outbox.
+    f.clock.advance(OUTBOX_GRACE_MS);
+    assert_eq!(
+        f.store.load_run("r1").await.unwrap().unwrap(),
+        (v2.clone(), 2)
+    );
+    let mut got = f.drain().await;
+    got.sort_by(|a, b| a.step.cmp(&b.step));
+    assert_eq!(got, [msg("r1", "a"), msg("r1", "b")]);
+    let raw = f.raw_run("r1").await.unwrap();
+    assert!(!raw.contains_key("outbox"));
+    assert!(!raw.contains_key("outbox_id"));
+    assert!(!raw.contains_key("gsi1pk"));
+    assert_eq!(attr_n(&raw, "version"), Some(2));
+}
+
+#[tokio::test]
+async fn a_writer_meeting_a_pending_outbox_flushes_it_and_conflicts() {
+    let f = fixture().await;
+    let r = run("r1", T0);
+    f.store.create_run(&r, &none()).await.unwrap();
+    assert!(
+        f.store
+            .save_run_without_flush(&r, 1, &sends(&[(msg("r1", "left"), 0)]))
+            .await
+            .unwrap()
+    );
+    // Even at the right version the write is refused until the pending outbox is out. This one
+    // is young: the refused writer waits a little for its writer, then sends it itself, once.
+    let mut next = r.clone();
+    next.status = RunStatus::Running;
+    let started = Instant::now();
+    let err = f
+        .store
+        .save_run(&next, 2, &sends(&[(msg("r1", "mine"), 0)]))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Conflict(_)), "{err:?}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert_eq!(f.drain().await, [msg("r1", "left")]);
+    let raw = f.raw_run("r1").await.unwrap();
+    assert!(!raw.contains_key("outbox"));
+    assert_eq!(attr_n(&raw, "version"), Some(2));
+    // The caller reloads and applies again: now it goes through.
+    let (_, v) = f.store.load_run("r1").await.unwrap().unwrap();
+    f.store
+        .save_run(&next, v, &sends(&[(msg("r1", "mine"), 0)]))
+        .await
+        .unwrap();
+    assert_eq!(f.drain().await, [msg("r1", "mine")]);
+    assert_eq!(
+        f.store.load_run("r1").await.unwrap().unwrap(),
+        (next.clone(), 3)
+    );
+
+    // An old pending outbox (its writer died a while ago) is sent at once by the refused writer.
+    assert!(
+        f.store
+            .save_run_without_flush(&next, 3, &sends(&[(msg("r1", "orphan"), 0)]))
+            .await
+            .unwrap()
+    );
+    f.clock.advance(OUTBOX_GRACE_MS);
+    assert!(matches!(
+        f.store.save_run(&next, 4, &none()).await,
+        Err(StoreError::Conflict(_))
+    ));
+    assert_eq!(f.drain().await, [msg("r1", "orphan")]);
+    f.store.save_run(&next, 4, &none()).await.unwrap();
+    assert_eq!(f.queued().await, 0);
+}
+
+#[tokio::test]
+async fn a_creator_that_died_is_finished_by_the_redelivered_create_or_the_sweep() {
+    let f = fixture().await;
+    // Redelivery: the duplicate create sends the first one's messages, not its own.
+    let r = run("r1", T0);
+    assert!(
+        f.store
+            .create_run_without_flush(&r, &sends(&[(msg("r1", "start"), 0)]))
+            .await
+            .unwrap()
+    );
+    assert_eq!(f.queued().await, 0);
+    f.clock.advance(10_000);
+    assert!(
+        !f.store
+            .create_run(&r, &sends(&[(msg("r1", "dup"), 0)]))
+            .await
+            .unwrap()
+    );
+    assert_eq!(f.drain().await, [msg("r1", "start")]);
+
+    // No redelivery and no reader: the timer function's sweep sends it after a minute.
+    let lonely = run("r2", T0);
+    assert!(
+        f.store
+            .create_run_without_flush(&lonely, &sends(&[(msg("r2", "start"), 0)]))
+            .await
+            .unwrap()
+    );
+    let written = f.clock.now();
+    assert_eq!(
+        f.store
+            .flush_stale_outboxes(written + 30_000)
+            .await
+            .unwrap(),
+        0
+    );
+    assert!(f.drain().await.is_empty());
+    assert_eq!(
+        f.store
+            .flush_stale_outboxes(written + 61_000)
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(f.drain().await, [msg("r2", "start")]);
+    assert!(!f.raw_run("r2").await.unwrap().contains_key("outbox"));
+    assert_eq!(
+        f.store
+            .flush_stale_outboxes(written + 120_000)
+            .await
+            .unwrap(),
+        0
+    );
+}
+
+#[tokio::test]
+async fn child_runs_are_created_with_the_parent_or_not_at_all() {
+    let f = fixture().await;
+    let parent = run("p1", T0);
+    f.store.create_run(&parent, &none()).await.unwrap();
+    let mut waiting = parent.clone();
+    waiting.status = RunStatus::Waiting;
+    let child = run("p1.sub.0.1", T0 + 5);
+    let fx = Effects {
+        messages: vec![(msg("p1.sub.0.1", "first"), 0)],
+        new_runs: vec![child.clone()],
+    };
+    f.store.save_run(&waiting, 1, &fx).await.unwrap();
+    assert_eq!(
+        f.store.load_run("p1.sub.0.1").await.unwrap().unwrap(),
+        (child.clone(), 1)
+    );
+    assert_eq!(f.store.load_run("p1").await.unwrap().unwrap().1, 2);
+    assert_eq!(f.drain().await, [msg("p1.sub.0.1", "first")]);
+
+    // Another write creating the same child fails as a whole.
+    let other = run("p2", T0);
+    f.store.create_run(&other, &none()).await.unwrap();
+    let mut other_next = other.clone();
+    other_next.status = RunStatus::Waiting;
+    let mut impostor = child.clone();
+    impostor.input = json!({"ip": "192.0.2.1"});
+    let err = f
+        .store
+        .save_run(
+            &other_next,
+            1,
+            &Effects {
+                messages: vec![(msg("p2", "x"), 0)],
+                new_runs: vec![impostor],
+            },
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, StoreError::Conflict(m) if m.contains("child run p1.sub.0.1")),
+        "{err:?}"
+    );
+    assert_eq!(f.store.load_run("p2").await.unwrap().unwrap(), (other, 1));
+    assert_eq!(
+        f.store.load_run("p1.sub.0.1").await.unwrap().unwrap(),
+        (child, 1)
+    );
+    assert_eq!(f.queued().await, 0);
+
+    // And a stale parent creates no child.
+    let fresh_child = run("p1.sub.0.2", T0);
+    let err = f
+        .store
+        .save_run(
+            &waiting,
+            1,
+            &Effects {
+                messages: vec![(msg("p1.sub.0.2", "first"), 0)],
+                new_runs: vec![fresh_child],
+            },
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Conflict(_)), "{err:?}");
+    assert!(f.store.load_run("p1.sub.0.2").await.unwrap().is_none());
+    assert_eq!(f.queued().await, 0);
+}
+
+#[tokio::test]
+async fn a_600_kb_output_is_truncated_and_the_write_succeeds() {
+    let f = fixture().await;
+    let r = run("big", T0);
+    f.store.create_run(&r, &none()).await.unwrap();
+    let mut done = r.clone();
+    let mut it = Iteration::new(None);
+    it.status = StepStatus::Succeeded;
+    it.output = Some(json!({"log": "x".repeat(600 * 1024)}));
+    done.steps = vec![StepState {
+        id: "fetch".into(),
+        status: StepStatus::Succeeded,
+        iterations: vec![it],
+        looped: false,
+        output: Some(json!({"summary": "ok"})),
+        error: None,
+        switch_value: None,
+        started_at: Some(T0),
+        finished_at: Some(T0 + 1),
+    }];
+    f.clock.advance(1_000);
+    f.store.save_run(&done, 1, &none()).await.unwrap();
+    let (loaded, v) = f.store.load_run("big").await.unwrap().unwrap();
+    assert_eq!(v, 2);
+    let out = loaded.steps[0].iterations[0].output.clone().unwrap();
+    assert_eq!(out["truncated"], json!(true));
+    assert!(out["original_bytes"].as_u64().unwrap() > 600 * 1024);
+    assert_eq!(loaded.steps[0].output, Some(json!({"summary": "ok"})));
+    let last = loaded.history.last().unwrap();
+    assert_eq!(last.event, "output_truncated");
+    assert_eq!(last.at, T0 + 1_000);
+    let raw = f.raw_run("big").await.unwrap();
+    assert!(attr_s(&raw, "body").unwrap().len() <= 350 * 1024);
+}
+
+#[tokio::test]
+async fn finished_runs_expire_after_retention_and_running_ones_do_not() {
+    let f = fixture().await;
+    let r = run("r1", T0);
+    f.store.create_run(&r, &none()).await.unwrap();
+    assert!(!f.raw_run("r1").await.unwrap().contains_key("expires_at"));
+    let mut done = r.clone();
+    done.status = RunStatus::Succeeded;
+    done.finished_at = Some(T0 + 10);
+    let now = f.clock.advance(10_000);
+    f.store.save_run(&done, 1, &none()).await.unwrap();
+    let raw = f.raw_run("r1").await.unwrap();
+    assert_eq!(
+        attr_n(&raw, "expires_at"),
+        Some(now / 1000 + i64::from(RETENTION_DAYS) * 86_400)
+    );
+}
+
+#[tokio::test]
+async fn runs_list_newest_first_and_filter_on_status_across_pages() {
+    let f = fixture().await;
+    // Two old failed runs below thirty newer queued ones: the filter has to page.
+    for (i, status) in [(0, RunStatus::Failed), (1, RunStatus::Failed)] {
+        let mut r = run(&format!("old-{i}"), T0 + i);
+        r.status = status;
+        f.store.create_run(&r, &none()).await.unwrap();
+    }
+    for i in 0..30 {
+        f.store
+            .create_run(&run(&format!("new-{i:02}"), T0 + 100 + i), &none())
+            .await
+            .unwrap();
+    }
+    let mut running = run("middle", T0 + 50);
+    running.status = RunStatus::Running;
+    f.store.create_run(&running, &none()).await.unwrap();
+
+    let all = f.store.list_runs(100, None).await.unwrap();
+    assert_eq!(all.len(), 33);
+    assert_eq!(all[0].id, "new-29");
+    assert!(all.windows(2).all(|w| w[0].created_at >= w[1].created_at));
+    let top: Vec<_> = f
+        .store
+        .list_runs(3, None)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|s| s.id)
+        .collect();
+    assert_eq!(top, ["new-29", "new-28", "new-27"]);
+
+    let failed = f.store.list_runs(5, Some(RunStatus::Failed)).await.unwrap();
+    let failed: Vec<_> = failed.iter().map(|s| (s.id.as_str(), s.status)).collect();
+    assert_eq!(
+        failed,
+        [("old-1", RunStatus::Failed), ("old-0", RunStatus::Failed)]
+    );
+    let one = f
+        .store
+        .list_runs(1, Some(RunStatus::Running))
+        .await
+        .unwrap();
+    assert_eq!(one.len(), 1);
+    assert_eq!(
+        (
+            one[0].id.as_str(),
+            one[0].playbook_id.as_str(),
+            one[0].created_at
+        ),
+        ("middle", "block-ip", T0 + 50)
+    );
+    assert!(
+        f.store
+            .list_runs(5, Some(RunStatus::Cancelled))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(f.store.list_runs(0, None).await.unwrap().is_empty());
+}

@@ -1,0 +1,244 @@
+//! The Lambda functions' handlers. Each function's `main.rs` builds its clients once and hands
+//! events to one of these; all behaviour is the [`Service`]'s, the same the local runtime calls.
+//!
+//! Guarantee: a step message is acknowledged only when the service handled it (or found it
+//! stale); a message that fails is reported as a batch item failure, so SQS redelivers only it,
+//! never its neighbours; on its last allowed receive its run is marked failed with the reason
+//! before SQS moves it to the dead-letter queue.
+
+use std::sync::Arc;
+
+use aws_lambda_events::event::sqs::{BatchItemFailure, SqsBatchResponse, SqsEvent};
+use axum::http::HeaderMap;
+use serde_json::Value;
+
+use riposte_api::{Authenticator, Principal, Role};
+use riposte_aws::DynamoStore;
+use riposte_core::approval::Signer;
+use riposte_core::connector::Connections;
+use riposte_core::engine::Worker;
+use riposte_core::model::AlertKind;
+use riposte_core::ports::{Clock, HttpSender, IdSource};
+use riposte_core::run::StepMessage;
+use riposte_core::service::{Config, Deps, Error, Handled, Service};
+use riposte_http::{EgressPolicy, EnvSecrets, ReqwestSender};
+use riposte_system::{OsIds, SystemClock};
+
+/// How long a warm function trusts its cached rules.
+pub const RULES_CACHE_MS: i64 = 5_000;
+
+/// Everything a function needs, built once at init from its environment: `RIPOSTE_TABLE`,
+/// `RIPOSTE_QUEUE_URL`, `RIPOSTE_RETENTION_DAYS`, `RIPOSTE_PUBLIC_URL` (where approval links
+/// point), `RIPOSTE_APPROVAL_KEY` (at least 32 characters), `RIPOSTE_CONNECTIONS` (the
+/// connections YAML).
+pub async fn from_env() -> Result<(Arc<Service>, Arc<DynamoStore>), String> {
+    let store = Arc::new(DynamoStore::from_env().await.map_err(|e| e.to_string())?);
+    let service = service_over(store.clone())?;
+    Ok((service, store))
+}
+
+/// The service over a store, configured from the environment (see [`from_env`]).
+pub fn service_over(store: Arc<DynamoStore>) -> Result<Arc<Service>, String> {
+    let var = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
+    let key = var("RIPOSTE_APPROVAL_KEY").ok_or("RIPOSTE_APPROVAL_KEY is not set")?;
+    let connections = match var("RIPOSTE_CONNECTIONS") {
+        Some(yaml) => {
+            Connections::parse(&yaml, Some("RIPOSTE_CONNECTIONS")).map_err(|p| p.to_string())?
+        }
+        None => Connections::default(),
+    };
+    let egress = if var("RIPOSTE_ALLOW_PRIVATE_EGRESS").is_some_and(|v| v == "true") {
+        EgressPolicy::permissive_for_tests()
+    } else {
+        EgressPolicy::strict()
+    };
+    let http = Arc::new(ReqwestSender::new(Arc::new(EnvSecrets::new(None)), egress));
+    service_with(
+        store,
+        &key,
+        connections,
+        var("RIPOSTE_PUBLIC_URL").unwrap_or_default(),
+        http,
+        Arc::new(SystemClock),
+    )
+}
+
+/// The service a function runs, from explicit parts (tests build it this way).
+pub fn service_with(
+    store: Arc<DynamoStore>,
+    approval_key: &str,
+    connections: Connections,
+    public_url: String,
+    http: Arc<dyn HttpSender>,
+    clock: Arc<dyn Clock>,
+) -> Result<Arc<Service>, String> {
+    if approval_key.len() < 32 {
+        return Err("the approval key must be at least 32 characters".into());
+    }
+    Ok(Arc::new(Service::new(Deps {
+        store,
+        http,
+        clock,
+        ids: Arc::new(OsIds),
+        signer: Signer::new(approval_key.as_bytes()),
+        connections,
+        config: Config {
+            public_url,
+            rules_cache_ms: RULES_CACHE_MS,
+            // Many workers may run at once: a claim is taken over only after its lease.
+            worker: Worker {
+                id: OsIds.new_id(),
+                exclusive: false,
+            },
+        },
+    })))
+}
+
+/// An EventBridge event for the alert (or recommendation) function: ingest its own kind only.
+pub async fn on_event(service: &Service, event: &Value, kind: AlertKind) -> Result<Value, Error> {
+    let out = service.ingest_event_of(event, Some(kind)).await?;
+    Ok(serde_json::to_value(out).unwrap_or(Value::Null))
+}
+
+/// The step worker: one SQS batch. `max_receives` is the queue's redrive `maxReceiveCount`.
+pub async fn on_messages(
+    service: &Service,
+    event: SqsEvent,
+    max_receives: u32,
+) -> SqsBatchResponse {
+    let mut response = SqsBatchResponse::default();
+    for record in event.records {
+        let id = record.message_id.clone().unwrap_or_default();
+        let body = record.body.clone().unwrap_or_default();
+        let msg: StepMessage = match serde_json::from_str(&body) {
+            Ok(m) => m,
+            Err(e) => {
+                // It can never succeed: acknowledge it instead of feeding a retry storm.
+                tracing::error!(message = "Unreadable step message dropped.", message_id = %id, error = %e);
+                continue;
+            }
+        };
+        let receives: u32 = record
+            .attributes
+            .get("ApproximateReceiveCount")
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(1);
+        let failed = match service.handle(&msg).await {
+            Ok(Handled::Done) => None,
+            Ok(Handled::Retry { reason, .. }) => Some(reason),
+            Err(e) => Some(e.to_string()),
+        };
+        if let Some(reason) = failed {
+            if receives >= max_receives {
+                let reason = format!(
+                    "step `{}` failed on all {max_receives} deliveries: {reason}",
+                    msg.step
+                );
+                tracing::error!(message = "Step message goes to the dead-letter queue; its run is failed.", run_id = %msg.run_id, %reason);
+                if let Err(e) = service.fail_run(&msg.run_id, &reason).await {
+                    tracing::error!(message = "Failing the run failed.", run_id = %msg.run_id, error = %e);
+                }
+            }
+            let mut f = BatchItemFailure::default();
+            f.item_identifier = id;
+            response.batch_item_failures.push(f);
+        }
+    }
+    response
+}
+
+/// The header the HTTP function sets from API Gateway's verified IAM caller; any value a client
+/// sends under this name is removed first.
+pub const CALLER_HEADER: &str = "x-riposte-caller";
+
+/// Principals from API Gateway's IAM authorization: the caller ARN as the name; the contributor
+/// role for ARNs listed in `RIPOSTE_CONTRIBUTOR_ARNS` (comma-separated, `*` suffix allowed),
+/// the operator role for every other caller IAM let through.
+pub struct IamCallers {
+    contributors: Vec<String>,
+}
+
+impl IamCallers {
+    pub fn new(contributors: &str) -> IamCallers {
+        IamCallers {
+            contributors: contributors
+                .split(',')
+                .map(|s| s.trim().to_string())
+                .filter(|s| !s.is_empty())
+                .collect(),
+        }
+    }
+
+    fn is_contributor(&self, arn: &str) -> bool {
+        self.contributors.iter().any(|c| match c.strip_suffix('*') {
+            Some(prefix) => arn.starts_with(prefix),
+            None => arn == c,
+        })
+    }
+}
+
+impl Authenticator for IamCallers {
+    fn principal(&self, headers: &HeaderMap) -> Option<Principal> {
+        let arn = headers.get(CALLER_HEADER)?.to_str().ok()?.to_string();
+        let role = if self.is_contributor(&arn) {
+            Role::Contributor
+        } else {
+            Role::Operator
+        };
+        Some(Principal { name: arn, role })
+    }
+}
+
+/// Moves the IAM caller that API Gateway verified into [`CALLER_HEADER`], dropping any forged one.
+pub async fn caller_from_context(
+    mut req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use lambda_http::RequestExt;
+    req.headers_mut().remove(CALLER_HEADER);
+    let arn = match req.request_context_ref() {
+        Some(lambda_http::request::RequestContext::ApiGatewayV2(ctx)) => ctx
+            .authorizer
+            .as_ref()
+            .and_then(|a| a.iam.as_ref())
+            .and_then(|i| i.user_arn.clone()),
+        _ => None,
+    };
+    if let Some(arn) = arn
+        && let Ok(v) = arn.parse()
+    {
+        req.headers_mut().insert(CALLER_HEADER, v);
+    }
+    next.run(req).await
+}
+
+/// Logs as JSON lines, as CloudWatch reads them.
+pub fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .json()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("RIPOSTE_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .without_time()
+        .try_init();
+}
+
+/// The HTTP function's app: the same router `riposte serve` serves, behind API Gateway's IAM
+/// authorization (`RIPOSTE_CONTRIBUTOR_ARNS` names the contributors).
+pub fn http_app(service: Arc<Service>) -> axum::Router {
+    let callers = IamCallers::new(&std::env::var("RIPOSTE_CONTRIBUTOR_ARNS").unwrap_or_default());
+    riposte_api::router(riposte_api::AppState {
+        service,
+        auth: Arc::new(callers),
+    })
+    .layer(axum::middleware::from_fn(caller_from_context))
+}
+
+/// The step queue's `maxReceiveCount` (`RIPOSTE_MAX_RECEIVES`, default 5, as template.yaml sets).
+pub fn max_receives() -> u32 {
+    std::env::var("RIPOSTE_MAX_RECEIVES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5)
+}

@@ -1,0 +1,371 @@
+//! The Block/Ignore playbook end to end through the Lambda handlers, over the real AWS SDK and an
+//! AWS API emulator (moto) on 127.0.0.1: EventBridge event to the alert function, SQS, the step
+//! worker, the approval link through the HTTP function's router, SQS again, to completion; the
+//! vendors are the same stand-ins as the local tests.
+
+use std::sync::Arc;
+
+use aws_lambda_events::event::sqs::SqsEvent;
+use aws_sdk_sqs::types::MessageSystemAttributeName;
+use axum::body::Body;
+use axum::http::Request;
+use serde_json::{Value, json};
+use tower::ServiceExt;
+
+use riposte_aws::{AwsConfig, DynamoStore};
+use riposte_core::connector::Connections;
+use riposte_core::model::AlertKind;
+use riposte_core::run::{Run, RunStatus};
+use riposte_core::service::Service;
+use riposte_core::store::Store;
+use riposte_tests::moto::Moto;
+use riposte_tests::vendors::{SECRETS, Vendors, connections, vendors};
+use riposte_tests::{OffsetClock, event, repo, secrets_from, sender};
+
+struct Aws {
+    _moto: Moto,
+    store: Arc<DynamoStore>,
+    service: Arc<Service>,
+    sqs: aws_sdk_sqs::Client,
+    queue: String,
+    clock: Arc<OffsetClock>,
+}
+
+async fn aws(v: &Vendors) -> Aws {
+    let moto = Moto::start().await;
+    let sdk = moto.sdk().await;
+    let dynamo = aws_sdk_dynamodb::Client::new(&sdk);
+    let sqs = aws_sdk_sqs::Client::new(&sdk);
+    riposte_aws::create_table(&dynamo, "riposte").await.unwrap();
+    let queue = sqs
+        .create_queue()
+        .queue_name("riposte-steps")
+        .send()
+        .await
+        .unwrap()
+        .queue_url
+        .unwrap();
+    let clock = Arc::new(OffsetClock::default());
+    let config = AwsConfig {
+        table: "riposte".into(),
+        queue_url: queue.clone(),
+        retention_days: 90,
+    };
+    let store = Arc::new(DynamoStore::new(dynamo, sqs.clone(), config, clock.clone()));
+    let service = riposte_lambda::service_with(
+        store.clone(),
+        "test-approval-key-0123456789abcdef",
+        Connections::parse(&connections(v), None).unwrap(),
+        "https://riposte.example.com".into(),
+        sender(secrets_from(SECRETS)),
+        clock.clone(),
+    )
+    .unwrap();
+    let (playbooks, rules) = riposte::runtime::read_infra(&repo().join("infra")).unwrap();
+    for (_, p) in playbooks {
+        service.put_playbook(p, "deploy").await.unwrap();
+    }
+    for (_, r) in rules {
+        service.put_rule(r, "deploy").await.unwrap();
+    }
+    Aws {
+        _moto: moto,
+        store,
+        service,
+        sqs,
+        queue,
+        clock,
+    }
+}
+
+impl Aws {
+    /// Receives what SQS has ready and hands it to the step worker as Lambda's SQS integration
+    /// would: deletes what succeeded, leaves failures. Returns the bodies delivered.
+    async fn deliver_ready(&self) -> Vec<String> {
+        let out = self
+            .sqs
+            .receive_message()
+            .queue_url(&self.queue)
+            .max_number_of_messages(10)
+            .message_system_attribute_names(MessageSystemAttributeName::ApproximateReceiveCount)
+            .send()
+            .await
+            .unwrap();
+        let messages = out.messages.unwrap_or_default();
+        if messages.is_empty() {
+            return vec![];
+        }
+        let records: Vec<Value> = messages
+            .iter()
+            .map(|m| {
+                json!({
+                    "messageId": m.message_id,
+                    "receiptHandle": m.receipt_handle,
+                    "body": m.body,
+                    "attributes": {"ApproximateReceiveCount": m.attributes.as_ref()
+                        .and_then(|a| a.get(&MessageSystemAttributeName::ApproximateReceiveCount)).cloned().unwrap_or("1".into())},
+                    "eventSource": "aws:sqs",
+                })
+            })
+            .collect();
+        let event: SqsEvent = serde_json::from_value(json!({ "Records": records })).unwrap();
+        let response = riposte_lambda::on_messages(&self.service, event, 5).await;
+        let failed: Vec<&str> = response
+            .batch_item_failures
+            .iter()
+            .map(|f| f.item_identifier.as_str())
+            .collect();
+        for m in &messages {
+            if !failed.contains(&m.message_id.as_deref().unwrap_or_default()) {
+                self.sqs
+                    .delete_message()
+                    .queue_url(&self.queue)
+                    .receipt_handle(m.receipt_handle.clone().unwrap())
+                    .send()
+                    .await
+                    .unwrap();
+            }
+        }
+        messages.into_iter().filter_map(|m| m.body).collect()
+    }
+
+    async fn run(&self, id: &str) -> Run {
+        self.store.load_run(id).await.unwrap().unwrap().0
+    }
+
+    /// Delivers messages until the run satisfies `done` (bounded).
+    async fn until(&self, id: &str, what: &str, done: impl Fn(&Run) -> bool) -> Run {
+        for _ in 0..300 {
+            let run = self.run(id).await;
+            if done(&run) {
+                return run;
+            }
+            if self.deliver_ready().await.is_empty() {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+        }
+        panic!(
+            "run {id} never became {what}: {}",
+            riposte::timeline::render(&self.run(id).await)
+        );
+    }
+
+    async fn post_link(&self, link: &str) -> (u16, String) {
+        let path = link
+            .strip_prefix("https://riposte.example.com")
+            .unwrap()
+            .to_string();
+        let app = riposte_lambda::http_app(self.service.clone());
+        let req = Request::post(path)
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(Body::from("approver=netadmin%40example.com"))
+            .unwrap();
+        let resp = app.oneshot(req).await.unwrap();
+        let status = resp.status().as_u16();
+        let body = axum::body::to_bytes(resp.into_body(), 1 << 20)
+            .await
+            .unwrap();
+        (status, String::from_utf8_lossy(&body).into_owned())
+    }
+}
+
+async fn started(a: &Aws) -> String {
+    let out = riposte_lambda::on_event(
+        &a.service,
+        &event("guardduty-malicious-ip-caller.json"),
+        AlertKind::Alert,
+    )
+    .await
+    .unwrap();
+    let runs = out["alerts"][0]["runs"].as_array().unwrap().clone();
+    assert_eq!(runs.len(), 1, "{out}");
+    // The recommendation function ignores this alert.
+    let other = riposte_lambda::on_event(
+        &a.service,
+        &event("guardduty-malicious-ip-caller.json"),
+        AlertKind::Recommendation,
+    )
+    .await
+    .unwrap();
+    assert_eq!(other["alerts"], json!([]));
+    runs[0].as_str().unwrap().to_string()
+}
+
+fn link(v: &Vendors, choice: &str) -> String {
+    let mail = v.sendgrid.requests();
+    assert_eq!(mail.len(), 1);
+    let text = mail[0].json()["content"][0]["value"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{choice}: ")))
+        .unwrap()
+        .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn block_through_the_lambda_handlers_and_a_duplicate_message_changes_nothing() {
+    let v = vendors().await;
+    let a = aws(&v).await;
+    let id = started(&a).await;
+    a.until(&id, "waiting", |r| {
+        r.status == RunStatus::Waiting && r.step("tell_soc").unwrap().status.is_terminal()
+    })
+    .await;
+    assert_eq!(v.servicenow.requests().len(), 1);
+    let block = link(&v, "Block");
+    assert!(block.starts_with("https://riposte.example.com/approvals/"));
+    let (status, html) = a.post_link(&block).await;
+    assert_eq!(status, 200, "{html}");
+    assert_eq!(a.post_link(&link(&v, "Ignore")).await.0, 409);
+    let run = a.until(&id, "finished", |r| r.status.is_terminal()).await;
+    assert_eq!(
+        run.status,
+        RunStatus::Succeeded,
+        "{}",
+        riposte::timeline::render(&run)
+    );
+    let fw = v.panos.requests();
+    assert_eq!(fw.len(), 1);
+    assert_eq!(fw[0].json()["entry"]["ip-netmask"], "198.51.100.23");
+    assert_eq!(v.entra.requests().len(), 2);
+    assert_eq!(v.servicenow.requests().len(), 2);
+    assert!(v.securityhub.requests().is_empty());
+
+    // Every message of the run delivered again, as SQS may: nothing happens twice.
+    let msg =
+        json!({"run_id": id, "step": "block_ip", "iteration": 0, "attempt": 1, "kind": "execute"});
+    let again: SqsEvent = serde_json::from_value(json!({"Records": [{"messageId": "dup", "body": msg.to_string(), "attributes": {"ApproximateReceiveCount": "2"}}]})).unwrap();
+    let response = riposte_lambda::on_messages(&a.service, again, 5).await;
+    assert!(response.batch_item_failures.is_empty());
+    assert_eq!(v.panos.requests().len(), 1, "the firewall was called once");
+    assert_eq!(a.run(&id).await, run);
+
+    // EventBridge delivering the event again starts nothing.
+    let out = riposte_lambda::on_event(
+        &a.service,
+        &event("guardduty-malicious-ip-caller.json"),
+        AlertKind::Alert,
+    )
+    .await
+    .unwrap();
+    assert_eq!(out["alerts"][0]["runs"], json!([id]));
+    assert_eq!(a.store.list_runs(10, None).await.unwrap().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ignore_through_the_lambda_handlers() {
+    let v = vendors().await;
+    let a = aws(&v).await;
+    let id = started(&a).await;
+    a.until(&id, "waiting", |r| {
+        r.status == RunStatus::Waiting && r.step("tell_soc").unwrap().status.is_terminal()
+    })
+    .await;
+    assert_eq!(a.post_link(&link(&v, "Ignore")).await.0, 200);
+    let run = a.until(&id, "finished", |r| r.status.is_terminal()).await;
+    assert_eq!(
+        run.status,
+        RunStatus::Succeeded,
+        "{}",
+        riposte::timeline::render(&run)
+    );
+    let sh = v.securityhub.requests();
+    assert_eq!(sh.len(), 1);
+    assert!(
+        sh[0]
+            .header("authorization")
+            .unwrap()
+            .starts_with("AWS4-HMAC-SHA256 Credential=AKIDEXAMPLE/")
+    );
+    assert_eq!(v.servicenow.requests()[1].json()["state"], "7");
+    assert!(v.panos.requests().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unanswered_approval_expires_through_the_timer_function() {
+    let v = vendors().await;
+    let a = aws(&v).await;
+    let id = started(&a).await;
+    a.until(&id, "waiting", |r| {
+        r.status == RunStatus::Waiting && r.step("tell_soc").unwrap().status.is_terminal()
+    })
+    .await;
+    use riposte_core::ports::Clock;
+    // Four hours is past SQS's 15-minute delay: the expiry waits as a timer item.
+    assert_eq!(
+        a.store.fire_due_timers(a.clock.now()).await.unwrap(),
+        0,
+        "not due yet"
+    );
+    a.clock.advance(4 * 3_600_000 + 1_000);
+    assert_eq!(a.store.fire_due_timers(a.clock.now()).await.unwrap(), 1);
+    assert_eq!(
+        a.store.fire_due_timers(a.clock.now()).await.unwrap(),
+        0,
+        "fired once"
+    );
+    let run = a.until(&id, "finished", |r| r.status.is_terminal()).await;
+    assert_eq!(
+        run.status,
+        RunStatus::Succeeded,
+        "{}",
+        riposte::timeline::render(&run)
+    );
+    assert_eq!(
+        run.step("ask_admins").unwrap().output.as_ref().unwrap()["expired"],
+        true
+    );
+    assert_eq!(v.securityhub.requests().len(), 1);
+    assert_eq!(a.post_link(&link(&v, "Block")).await.0, 410);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_failing_on_its_last_receive_fails_its_run_and_spares_its_neighbours() {
+    let v = vendors().await;
+    let a = aws(&v).await;
+    let id = started(&a).await;
+    let good = a.deliver_ready().await;
+    assert!(!good.is_empty());
+    // A run whose pinned playbook version is gone: its message can never be handled.
+    let spec = riposte_core::playbook::parse_spec(
+        "id: lost\nname: Lost\nsteps:\n  - id: only\n    set: { x: 1 }\n",
+        None,
+    )
+    .unwrap();
+    let pb = riposte_core::playbook::compile(spec, 3, &riposte_core::connector::Builtins).unwrap();
+    let (run, fx) = riposte_core::engine::Engine::new(&pb).start(
+        "lost-run".into(),
+        riposte_core::run::Trigger::Manual { by: "o".into() },
+        json!({}),
+        0,
+    );
+    let bad = fx.messages[0].0.clone();
+    a.store
+        .create_run(&run, &riposte_core::engine::Effects::default())
+        .await
+        .unwrap();
+    let neighbour =
+        json!({"run_id": id, "step": "tell_soc", "iteration": 0, "attempt": 1, "kind": "execute"});
+    let batch: SqsEvent = serde_json::from_value(json!({"Records": [
+        {"messageId": "bad", "body": serde_json::to_string(&bad).unwrap(), "attributes": {"ApproximateReceiveCount": "5"}},
+        {"messageId": "neighbour", "body": neighbour.to_string(), "attributes": {"ApproximateReceiveCount": "1"}},
+        {"messageId": "garbage", "body": "{not json", "attributes": {"ApproximateReceiveCount": "1"}},
+    ]}))
+    .unwrap();
+    let response = riposte_lambda::on_messages(&a.service, batch, 5).await;
+    let failed: Vec<&str> = response
+        .batch_item_failures
+        .iter()
+        .map(|f| f.item_identifier.as_str())
+        .collect();
+    assert_eq!(
+        failed,
+        ["bad"],
+        "only the failing message is redelivered (to the dead-letter queue)"
+    );
+    let lost = a.run("lost-run").await;
+    assert_eq!(lost.status, RunStatus::Failed);
+    assert!(lost.error.unwrap().contains("failed on all 5 deliveries"));
+}

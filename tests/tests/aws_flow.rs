@@ -61,13 +61,12 @@ async fn aws(v: &Vendors) -> Aws {
         clock.clone(),
     )
     .unwrap();
-    let (playbooks, rules) = riposte::runtime::read_infra(&repo().join("infra")).unwrap();
-    for (_, p) in playbooks {
-        service.put_playbook(p, "deploy").await.unwrap();
-    }
-    for (_, r) in rules {
-        service.put_rule(r, "deploy").await.unwrap();
-    }
+    // What `riposte sync` does at deploy time, through an admin service over the same table.
+    let admin = riposte::sync::admin_service(store.clone(), &repo().join("infra/connections.yaml"))
+        .unwrap();
+    riposte::runtime::load_infra(&admin, &repo().join("infra"), "deploy")
+        .await
+        .unwrap();
     Aws {
         _moto: moto,
         store,
@@ -241,6 +240,26 @@ async fn block_through_the_lambda_handlers_and_a_duplicate_message_changes_nothi
     assert!(response.batch_item_failures.is_empty());
     assert_eq!(v.panos.requests().len(), 1, "the firewall was called once");
     assert_eq!(a.run(&id).await, run);
+
+    // Events that can never be ingested are rejected with the reason, not retried by EventBridge.
+    let out = riposte_lambda::on_event(&a.service, &event("unknown-source.json"), AlertKind::Alert)
+        .await
+        .unwrap();
+    assert!(
+        out["rejected"].as_str().unwrap().contains("aws.ec2"),
+        "{out}"
+    );
+    let out = riposte_lambda::on_event(
+        &a.service,
+        &json!({"source": "aws.guardduty"}),
+        AlertKind::Alert,
+    )
+    .await
+    .unwrap();
+    assert!(
+        out["rejected"].as_str().unwrap().contains("detail-type"),
+        "{out}"
+    );
 
     // EventBridge delivering the event again starts nothing.
     let out = riposte_lambda::on_event(

@@ -5,12 +5,12 @@
 //! new state, the step messages it enqueues (as the item's `outbox`) and the child runs it creates
 //! in **one conditional DynamoDB write**, only if the run is still at the version that was read
 //! and no earlier outbox is pending; otherwise nothing is written and the caller gets
-//! [`StoreError::Conflict`]. The messages are then sent to SQS (or, when due more than 15 minutes
-//! out, written as timer items) and only then is the outbox removed, conditioned on its id. A
-//! process that dies anywhere in between leaves the outbox on the item, and the next reader
-//! ([`Store::load_run`]), the next writer (which is refused until it is flushed), a duplicate
-//! [`Store::create_run`], or the timer function's sweep ([`DynamoStore::flush_stale_outboxes`])
-//! sends it. So no message is ever lost; one may be sent twice, which the engine treats as stale.
+//! [`StoreError::Conflict`]. The messages are then sent to SQS (or, when due more than 15
+//! minutes out, written as timer items) and only then is the outbox removed, conditioned on its
+//! id. A process that dies anywhere in between leaves the outbox on the item, and the next
+//! reader ([`Store::load_run`]), the next writer (which is refused until it is flushed), a
+//! duplicate [`Store::create_run`], or the timer function's sweep
+//! ([`DynamoStore::flush_stale_outboxes`]) sends it. So no message is ever lost; one may be sent twice, which the engine treats as stale.
 //!
 //! A reader leaves an outbox younger than [`OUTBOX_GRACE_MS`] to its writer (which is most likely
 //! still sending it), and a writer refused by one waits briefly for it to be cleared before
@@ -38,7 +38,7 @@ pub use runs::{OUTBOX_GRACE_MS, STALE_OUTBOX_MS};
 pub use table::{create_table, table_definition};
 
 #[doc(no_inline)]
-pub use riposte_core::store::Store;
+pub use riposte_core::store::{Store, StoreError};
 
 /// Where the store keeps things.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -10,6 +10,12 @@
 //! | audit entry       | `AUDIT`              | `<at:020>#<seq>#<unique>`   |                                   |                         |
 //! | timer             | `TIMERS#<0..15>`     | `<due ms:020>#<unique>`     |                                   |                         |
 //!
+//! A run item also holds `id`, `version` (N), `status`, `playbook_id`, `playbook_version`,
+//! `created_at`, `updated_at`, `body` (the run as JSON), `write_id` (names the write that stored
+//! it) and, while messages are pending, `outbox` (their compact JSON) and `outbox_id`. A timer
+//! holds `body` (the step message as JSON), `run_id`, `due_at` and, while being fired,
+//! `claim`/`claim_until`.
+//!
 //! Orders are shifted to non-negative (`order + 2^63`) so that the zero-padded decimal sorts like
 //! the number. `expires_at` (epoch seconds) is the table's TTL attribute: terminal runs and event
 //! records get one; playbooks, rules, audit entries and timers never do.

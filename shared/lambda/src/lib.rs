@@ -95,9 +95,23 @@ pub fn service_with(
 }
 
 /// An EventBridge event for the alert (or recommendation) function: ingest its own kind only.
+///
+/// An event that can never be ingested (malformed, of an unknown type, too large) is answered
+/// with `{"rejected": reason}` and logged, not returned as an error: EventBridge would retry an
+/// error for a day. Only a failure worth retrying (the store unavailable) is an error.
 pub async fn on_event(service: &Service, event: &Value, kind: AlertKind) -> Result<Value, Error> {
-    let out = service.ingest_event_of(event, Some(kind)).await?;
-    Ok(serde_json::to_value(out).unwrap_or(Value::Null))
+    match service.ingest_event_of(event, Some(kind)).await {
+        Ok(out) => Ok(serde_json::to_value(out).unwrap_or(Value::Null)),
+        Err(e @ Error::Unavailable(_)) => Err(e),
+        Err(e) => {
+            let id = event
+                .get("id")
+                .and_then(serde_json::Value::as_str)
+                .unwrap_or_default();
+            tracing::warn!(message = "Event rejected.", id = %id, error = %e);
+            Ok(serde_json::json!({ "rejected": e.to_string() }))
+        }
+    }
 }
 
 /// The step worker: one SQS batch. `max_receives` is the queue's redrive `maxReceiveCount`.

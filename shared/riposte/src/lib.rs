@@ -5,4 +5,6 @@ pub mod cli;
 pub mod dry;
 pub mod runtime;
 pub mod sandbox;
+#[cfg(feature = "aws")]
+pub mod sync;
 pub mod timeline;

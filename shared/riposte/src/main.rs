@@ -108,6 +108,17 @@ enum Command {
         #[command(flatten)]
         server: ServerArgs,
     },
+    /// Put infra/ (playbooks and rules) into the deployed table (RIPOSTE_TABLE, RIPOSTE_QUEUE_URL).
+    #[cfg(feature = "aws")]
+    Sync {
+        #[arg(long, default_value = "infra")]
+        infra: PathBuf,
+        #[arg(long, default_value = "infra/connections.yaml")]
+        connections: PathBuf,
+        /// Recorded in the audit trail as who made the change.
+        #[arg(long, default_value = "riposte-sync")]
+        by: String,
+    },
     /// Dry run: a playbook on an event file, printing every request it would make, sending none.
     Test {
         /// A playbook file.

@@ -131,6 +131,15 @@ pub async fn seed(local: &Local, infra: &Path) -> Result<(usize, usize)> {
     if local.store.meta("seeded")?.is_some() {
         return Ok((0, 0));
     }
+    let loaded = load_infra(&local.service, infra, "infra").await?;
+    local.store.meta_init("seeded", "1")?;
+    Ok(loaded)
+}
+
+/// Puts every playbook and rule under `infra` through the service (validated, versioned,
+/// audited as `by`): the local first start and `riposte sync` on AWS share it. Returns how many
+/// playbooks and rules were loaded.
+pub async fn load_infra(service: &Service, infra: &Path, by: &str) -> Result<(usize, usize)> {
     let (playbooks, rules) = read_infra(infra)?;
     // Sub-playbooks must exist before the playbooks that call them: retry until no progress.
     let mut pending = playbooks;
@@ -140,7 +149,7 @@ pub async fn seed(local: &Local, infra: &Path) -> Result<(usize, usize)> {
         let mut next = Vec::new();
         let mut errors = Vec::new();
         for (file, spec) in pending {
-            match local.service.put_playbook(spec.clone(), "infra").await {
+            match service.put_playbook(spec.clone(), by).await {
                 Ok(_) => loaded += 1,
                 Err(e) => {
                     errors.push(format!("{file}: {e}"));
@@ -155,14 +164,12 @@ pub async fn seed(local: &Local, infra: &Path) -> Result<(usize, usize)> {
     }
     let mut nrules = 0;
     for (file, rule) in rules {
-        local
-            .service
-            .put_rule(rule, "infra")
+        service
+            .put_rule(rule, by)
             .await
             .map_err(|e| anyhow::anyhow!("{file}: {e}"))?;
         nrules += 1;
     }
-    local.store.meta_init("seeded", "1")?;
     Ok((loaded, nrules))
 }
 

@@ -230,6 +230,12 @@ fn main() -> Result<()> {
                     .approve(&target, choice, step, iteration, approver)
                     .await
             }
+            #[cfg(feature = "aws")]
+            Command::Sync {
+                infra,
+                connections,
+                by,
+            } => riposte::sync::run(&infra, &connections, &by).await,
             Command::Test {
                 playbook,
                 event,

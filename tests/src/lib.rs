@@ -65,6 +65,13 @@ pub async fn wait_ready(http: &reqwest::Client, url: &str) {
     panic!("no server came up at {url}");
 }
 
+/// How many rules `infra/rules` ships.
+pub fn example_rules() -> usize {
+    riposte::runtime::yaml_files(&repo().join("infra/rules"))
+        .map(|f| f.len())
+        .unwrap_or(0)
+}
+
 /// A file from `events/`, parsed.
 pub fn event(name: &str) -> Value {
     let p = repo().join("events").join(name);

@@ -266,7 +266,10 @@ async fn invalid_playbooks_and_rules_are_refused_with_every_problem_named() {
     );
     // Nothing accepted was lost: the examples are still there.
     let (_, rules) = r.call("GET", "/rules", Some(OPERATOR_KEY), None).await;
-    assert_eq!(rules.as_array().unwrap().len(), 2);
+    assert_eq!(
+        rules.as_array().unwrap().len(),
+        riposte_tests::example_rules()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -309,7 +312,8 @@ async fn rules_are_created_disabled_enabled_and_deleted_and_evaluation_says_why(
             .as_array()
             .unwrap()
             .len(),
-        2
+        riposte_tests::example_rules(),
+        "a line for every rule"
     );
 
     // A new, terminal, earlier rule with an expiry in the future.
@@ -349,6 +353,7 @@ async fn rules_are_created_disabled_enabled_and_deleted_and_evaluation_says_why(
         order,
         [
             "aaa-first",
+            "securityhub-run-playbook-action",
             "guardduty-high-remote-ip",
             "recommendation-ticket"
         ],
@@ -356,7 +361,7 @@ async fn rules_are_created_disabled_enabled_and_deleted_and_evaluation_says_why(
     );
     assert_eq!(lines[0]["verdict"]["outcome"], "matched");
     assert_eq!(
-        lines[2]["verdict"],
+        lines[3]["verdict"],
         json!({"outcome": "after_terminal", "detail": "aaa-first"})
     );
     assert_eq!(out["alerts"][0]["runs"].as_array().unwrap().len(), 1);

@@ -241,6 +241,22 @@ async fn block_through_the_lambda_handlers_and_a_duplicate_message_changes_nothi
     assert_eq!(v.panos.requests().len(), 1, "the firewall was called once");
     assert_eq!(a.run(&id).await, run);
 
+    // The custom action button in Security Hub starts the playbook its rule maps it to.
+    let out = riposte_lambda::on_event(
+        &a.service,
+        &event("securityhub-custom-action.json"),
+        AlertKind::Alert,
+    )
+    .await
+    .unwrap();
+    let lines = out["alerts"][0]["evaluation"]["lines"].as_array().unwrap();
+    let action = lines
+        .iter()
+        .find(|l| l["rule_id"] == "securityhub-run-playbook-action")
+        .unwrap();
+    assert_eq!(action["verdict"]["outcome"], "matched", "{out}");
+    assert_eq!(out["alerts"][0]["runs"].as_array().unwrap().len(), 1);
+
     // Events that can never be ingested are rejected with the reason, not retried by EventBridge.
     let out = riposte_lambda::on_event(&a.service, &event("unknown-source.json"), AlertKind::Alert)
         .await
@@ -270,7 +286,52 @@ async fn block_through_the_lambda_handlers_and_a_duplicate_message_changes_nothi
     .await
     .unwrap();
     assert_eq!(out["alerts"][0]["runs"], json!([id]));
-    assert_eq!(a.store.list_runs(10, None).await.unwrap().len(), 1);
+    assert_eq!(
+        a.store.list_runs(10, None).await.unwrap().len(),
+        2,
+        "the block run and the custom action's"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_http_function_trusts_only_api_gateways_caller() {
+    let v = vendors().await;
+    let a = aws(&v).await;
+    let app = riposte_lambda::http_app(a.service.clone());
+    // No IAM caller in the request context: refused, even with a forged caller header.
+    for forged in [None, Some("arn:aws:iam::123456789012:user/admin")] {
+        let mut req = Request::get("/runs");
+        if let Some(arn) = forged {
+            req = req.header(riposte_lambda::CALLER_HEADER, arn);
+        }
+        let resp = app
+            .clone()
+            .oneshot(req.body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), 403, "forged caller {forged:?}");
+    }
+    // An oversized body is refused before anything reads it.
+    let resp = app
+        .clone()
+        .oneshot(
+            Request::post("/runs")
+                .body(Body::from(vec![b'x'; 2 << 20]))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 413);
+    // The public approval route answers a forged token with 403.
+    let resp = app
+        .oneshot(
+            Request::post("/approvals/forged.token")
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 403);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -34,6 +34,10 @@ pub const RULES_CACHE_MS: i64 = 5_000;
 pub async fn from_env() -> Result<(Arc<Service>, Arc<DynamoStore>), String> {
     let store = Arc::new(DynamoStore::from_env().await.map_err(|e| e.to_string())?);
     let service = service_over(store.clone())?;
+    // Warm the connection (DNS, TLS) during init, which is not billed per event: one GetItem.
+    if let Err(e) = riposte_core::store::Store::get_rule(store.as_ref(), "warm-up").await {
+        tracing::warn!(message = "Warming the table connection failed.", error = %e);
+    }
     Ok((service, store))
 }
 

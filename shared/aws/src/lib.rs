@@ -24,6 +24,7 @@ mod outbox;
 mod runs;
 mod size;
 mod store;
+pub mod secrets;
 pub mod table;
 
 use std::sync::Arc;
@@ -35,6 +36,7 @@ use riposte_core::run::StepMessage;
 use riposte_system::SystemClock;
 
 pub use runs::{OUTBOX_GRACE_MS, STALE_OUTBOX_MS};
+pub use secrets::SecretsManagerSecrets;
 pub use table::{create_table, table_definition};
 
 #[doc(no_inline)]

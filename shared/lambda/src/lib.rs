@@ -13,7 +13,7 @@ use axum::http::HeaderMap;
 use serde_json::Value;
 
 use riposte_api::{Authenticator, Principal, Role};
-use riposte_aws::DynamoStore;
+use riposte_aws::{DynamoStore, SecretsManagerSecrets};
 use riposte_core::approval::Signer;
 use riposte_core::connector::Connections;
 use riposte_core::engine::Worker;
@@ -21,7 +21,7 @@ use riposte_core::model::AlertKind;
 use riposte_core::ports::{Clock, HttpSender, IdSource};
 use riposte_core::run::StepMessage;
 use riposte_core::service::{Config, Deps, Error, Handled, Service};
-use riposte_http::{EgressPolicy, EnvSecrets, ReqwestSender};
+use riposte_http::{EgressPolicy, ReqwestSender};
 use riposte_system::{OsIds, SystemClock};
 
 /// How long a warm function trusts its cached rules.
@@ -30,41 +30,33 @@ pub const RULES_CACHE_MS: i64 = 5_000;
 /// Everything a function needs, built once at init from its environment: `RIPOSTE_TABLE`,
 /// `RIPOSTE_QUEUE_URL`, `RIPOSTE_RETENTION_DAYS`, `RIPOSTE_PUBLIC_URL` (where approval links
 /// point), `RIPOSTE_APPROVAL_KEY` (at least 32 characters), `RIPOSTE_CONNECTIONS` (the
-/// connections YAML).
+/// connections YAML), `RIPOSTE_SECRET_PREFIX` (default `riposte/`: connection secrets are read
+/// from Secrets Manager under it). The AWS SDK's configuration is loaded once and shared.
 pub async fn from_env() -> Result<(Arc<Service>, Arc<DynamoStore>), String> {
-    let store = Arc::new(DynamoStore::from_env().await.map_err(|e| e.to_string())?);
-    let service = service_over(store.clone())?;
+    let sdk = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
+    let config = riposte_aws::AwsConfig::from_env().map_err(|e| e.to_string())?;
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let store = Arc::new(DynamoStore::new(
+        aws_sdk_dynamodb::Client::new(&sdk),
+        aws_sdk_sqs::Client::new(&sdk),
+        config,
+        clock.clone(),
+    ));
+    let var = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
+    let prefix = var("RIPOSTE_SECRET_PREFIX").unwrap_or_else(|| "riposte/".into());
+    let secrets = Arc::new(SecretsManagerSecrets::new(aws_sdk_secretsmanager::Client::new(&sdk), &prefix, clock.clone()));
+    let key = var("RIPOSTE_APPROVAL_KEY").ok_or("RIPOSTE_APPROVAL_KEY is not set")?;
+    let connections = match var("RIPOSTE_CONNECTIONS") {
+        Some(yaml) => Connections::parse(&yaml, Some("RIPOSTE_CONNECTIONS")).map_err(|p| p.to_string())?,
+        None => Connections::default(),
+    };
+    let http = Arc::new(ReqwestSender::new(secrets, EgressPolicy::strict()));
+    let service = service_with(store.clone(), &key, connections, var("RIPOSTE_PUBLIC_URL").unwrap_or_default(), http, clock)?;
     // Warm the connection (DNS, TLS) during init, which is not billed per event: one GetItem.
     if let Err(e) = riposte_core::store::Store::get_rule(store.as_ref(), "warm-up").await {
         tracing::warn!(message = "Warming the table connection failed.", error = %e);
     }
     Ok((service, store))
-}
-
-/// The service over a store, configured from the environment (see [`from_env`]).
-pub fn service_over(store: Arc<DynamoStore>) -> Result<Arc<Service>, String> {
-    let var = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
-    let key = var("RIPOSTE_APPROVAL_KEY").ok_or("RIPOSTE_APPROVAL_KEY is not set")?;
-    let connections = match var("RIPOSTE_CONNECTIONS") {
-        Some(yaml) => {
-            Connections::parse(&yaml, Some("RIPOSTE_CONNECTIONS")).map_err(|p| p.to_string())?
-        }
-        None => Connections::default(),
-    };
-    let egress = if var("RIPOSTE_ALLOW_PRIVATE_EGRESS").is_some_and(|v| v == "true") {
-        EgressPolicy::permissive_for_tests()
-    } else {
-        EgressPolicy::strict()
-    };
-    let http = Arc::new(ReqwestSender::new(Arc::new(EnvSecrets::new(None)), egress));
-    service_with(
-        store,
-        &key,
-        connections,
-        var("RIPOSTE_PUBLIC_URL").unwrap_or_default(),
-        http,
-        Arc::new(SystemClock),
-    )
 }
 
 /// The service a function runs, from explicit parts (tests build it this way).

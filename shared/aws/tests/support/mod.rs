@@ -169,15 +169,20 @@ pub struct Fixture {
     _moto: Arc<Moto>,
 }
 
-pub async fn fixture() -> Fixture {
-    static NEXT: AtomicU32 = AtomicU32::new(0);
-    let moto = moto();
-    let sdk = aws_config::defaults(BehaviorVersion::latest())
-        .endpoint_url(&moto.endpoint)
+/// SDK configuration for the emulator at `endpoint`, with explicit test credentials.
+pub async fn sdk_config(endpoint: &str) -> aws_config::SdkConfig {
+    aws_config::defaults(BehaviorVersion::latest())
+        .endpoint_url(endpoint)
         .region(Region::new("us-east-1"))
         .credentials_provider(Credentials::new("testing", "testing", None, None, "test"))
         .load()
-        .await;
+        .await
+}
+
+pub async fn fixture() -> Fixture {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let moto = moto();
+    let sdk = sdk_config(&moto.endpoint).await;
     let dynamo = aws_sdk_dynamodb::Client::new(&sdk);
     let sqs = aws_sdk_sqs::Client::new(&sdk);
     let name = format!(

@@ -50,7 +50,14 @@ pub async fn from_env() -> Result<(Arc<Service>, Arc<DynamoStore>), String> {
         Some(yaml) => Connections::parse(&yaml, Some("RIPOSTE_CONNECTIONS")).map_err(|p| p.to_string())?,
         None => Connections::default(),
     };
-    let http = Arc::new(ReqwestSender::new(secrets, EgressPolicy::strict()));
+    // Only a test deployment sets this (HTTP stand-ins on 127.0.0.1): it allows loopback, private
+    // and plain-http targets.
+    let egress = if var("RIPOSTE_ALLOW_PRIVATE_EGRESS").is_some_and(|v| v == "true") {
+        EgressPolicy::permissive_for_tests()
+    } else {
+        EgressPolicy::strict()
+    };
+    let http = Arc::new(ReqwestSender::new(secrets, egress));
     let service = service_with(store.clone(), &key, connections, var("RIPOSTE_PUBLIC_URL").unwrap_or_default(), http, clock)?;
     // Warm the connection (DNS, TLS) during init, which is not billed per event: one GetItem.
     if let Err(e) = riposte_core::store::Store::get_rule(store.as_ref(), "warm-up").await {

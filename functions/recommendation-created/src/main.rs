@@ -1,20 +1,9 @@
-//! recommendation-created: an EventBridge event in, runs started. Clients are built once, at init.
+//! recommendation-created: EventBridge events in, runs started for the recommendations they carry. Clients are built
+//! once, at init (see `riposte_lambda::serve_events`).
 
-use lambda_runtime::{Error, LambdaEvent, run, service_fn};
 use riposte_core::model::AlertKind;
-use serde_json::Value;
 
 #[tokio::main]
-async fn main() -> Result<(), Error> {
-    riposte_lambda::init_tracing();
-    let (service, _) = riposte_lambda::from_env().await?;
-    run(service_fn(move |event: LambdaEvent<Value>| {
-        let service = service.clone();
-        async move {
-            riposte_lambda::on_event(&service, &event.payload, AlertKind::Recommendation)
-                .await
-                .map_err(|e| Error::from(e.to_string()))
-        }
-    }))
-    .await
+async fn main() -> Result<(), lambda_runtime::Error> {
+    riposte_lambda::serve_events(AlertKind::Recommendation).await
 }

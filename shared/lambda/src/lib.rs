@@ -44,10 +44,16 @@ pub async fn from_env() -> Result<(Arc<Service>, Arc<DynamoStore>), String> {
     ));
     let var = |name: &str| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
     let prefix = var("RIPOSTE_SECRET_PREFIX").unwrap_or_else(|| "riposte/".into());
-    let secrets = Arc::new(SecretsManagerSecrets::new(aws_sdk_secretsmanager::Client::new(&sdk), &prefix, clock.clone()));
+    let secrets = Arc::new(SecretsManagerSecrets::new(
+        aws_sdk_secretsmanager::Client::new(&sdk),
+        &prefix,
+        clock.clone(),
+    ));
     let key = var("RIPOSTE_APPROVAL_KEY").ok_or("RIPOSTE_APPROVAL_KEY is not set")?;
     let connections = match var("RIPOSTE_CONNECTIONS") {
-        Some(yaml) => Connections::parse(&yaml, Some("RIPOSTE_CONNECTIONS")).map_err(|p| p.to_string())?,
+        Some(yaml) => {
+            Connections::parse(&yaml, Some("RIPOSTE_CONNECTIONS")).map_err(|p| p.to_string())?
+        }
         None => Connections::default(),
     };
     // Only a test deployment sets this (HTTP stand-ins on 127.0.0.1): it allows loopback, private
@@ -58,7 +64,14 @@ pub async fn from_env() -> Result<(Arc<Service>, Arc<DynamoStore>), String> {
         EgressPolicy::strict()
     };
     let http = Arc::new(ReqwestSender::new(secrets, egress));
-    let service = service_with(store.clone(), &key, connections, var("RIPOSTE_PUBLIC_URL").unwrap_or_default(), http, clock)?;
+    let service = service_with(
+        store.clone(),
+        &key,
+        connections,
+        var("RIPOSTE_PUBLIC_URL").unwrap_or_default(),
+        http,
+        clock,
+    )?;
     // Warm the connection (DNS, TLS) during init, which is not billed per event: one GetItem.
     if let Err(e) = riposte_core::store::Store::get_rule(store.as_ref(), "warm-up").await {
         tracing::warn!(message = "Warming the table connection failed.", error = %e);
@@ -258,4 +271,22 @@ pub fn max_receives() -> u32 {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(5)
+}
+
+/// The whole of the alert and recommendation functions: clients built once, then each
+/// EventBridge event handed to [`on_event`] for `kind`.
+pub async fn serve_events(kind: AlertKind) -> Result<(), lambda_runtime::Error> {
+    init_tracing();
+    let (service, _) = from_env().await?;
+    lambda_runtime::run(lambda_runtime::service_fn(
+        move |event: lambda_runtime::LambdaEvent<Value>| {
+            let service = service.clone();
+            async move {
+                on_event(&service, &event.payload, kind)
+                    .await
+                    .map_err(|e| lambda_runtime::Error::from(e.to_string()))
+            }
+        },
+    ))
+    .await
 }

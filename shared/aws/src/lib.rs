@@ -22,9 +22,9 @@
 mod item;
 mod outbox;
 mod runs;
+pub mod secrets;
 mod size;
 mod store;
-pub mod secrets;
 pub mod table;
 
 use std::sync::Arc;

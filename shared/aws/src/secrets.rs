@@ -26,8 +26,17 @@ pub struct SecretsManagerSecrets {
 impl SecretsManagerSecrets {
     /// `prefix` is put before every name: a playbook's `servicenow-password` is the secret
     /// `riposte/servicenow-password`.
-    pub fn new(client: aws_sdk_secretsmanager::Client, prefix: &str, clock: Arc<dyn Clock>) -> SecretsManagerSecrets {
-        SecretsManagerSecrets { client, prefix: prefix.to_string(), clock, cache: Mutex::new(HashMap::new()) }
+    pub fn new(
+        client: aws_sdk_secretsmanager::Client,
+        prefix: &str,
+        clock: Arc<dyn Clock>,
+    ) -> SecretsManagerSecrets {
+        SecretsManagerSecrets {
+            client,
+            prefix: prefix.to_string(),
+            clock,
+            cache: Mutex::new(HashMap::new()),
+        }
     }
 }
 
@@ -35,7 +44,9 @@ fn valid_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 256
         && !name.contains("..")
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'/' | b'+' | b'=' | b'@'))
+        && name.bytes().all(|b| {
+            b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'/' | b'+' | b'=' | b'@')
+        })
 }
 
 #[async_trait]
@@ -51,16 +62,28 @@ impl Secrets for SecretsManagerSecrets {
             return Ok(value.clone());
         }
         let id = format!("{}{name}", self.prefix);
-        let out = self.client.get_secret_value().secret_id(&id).send().await.map_err(|e| {
-            let service = e.as_service_error();
-            if service.is_some_and(|s| s.is_resource_not_found_exception()) {
-                SecretError::Missing(name.to_string())
-            } else {
-                // The SDK's error text names the request, never the value.
-                SecretError::Unavailable(format!("reading secret {name}: {}", aws_sdk_secretsmanager::error::DisplayErrorContext(&e)))
-            }
-        })?;
-        let value = out.secret_string().ok_or_else(|| SecretError::Missing(name.to_string()))?.to_string();
+        let out = self
+            .client
+            .get_secret_value()
+            .secret_id(&id)
+            .send()
+            .await
+            .map_err(|e| {
+                let service = e.as_service_error();
+                if service.is_some_and(|s| s.is_resource_not_found_exception()) {
+                    SecretError::Missing(name.to_string())
+                } else {
+                    // The SDK's error text names the request, never the value.
+                    SecretError::Unavailable(format!(
+                        "reading secret {name}: {}",
+                        aws_sdk_secretsmanager::error::DisplayErrorContext(&e)
+                    ))
+                }
+            })?;
+        let value = out
+            .secret_string()
+            .ok_or_else(|| SecretError::Missing(name.to_string()))?
+            .to_string();
         let mut cache = self.cache.lock().await;
         if cache.len() >= 1024 {
             cache.clear();

@@ -9,12 +9,15 @@ cd "$(dirname "$0")/.."
 
 step() { printf '\n== %s\n' "$*"; }
 
-step "tools: moto server (AWS API emulator) and cfn-lint"
+step "tools: moto server (AWS API emulator), cfn-lint, cargo lambda"
 if ! command -v moto_server >/dev/null 2>&1 || ! command -v cfn-lint >/dev/null 2>&1; then
   python3 -m pip install --quiet 'moto[server]>=5.1,<6' 'cfn-lint>=1.20,<2'
 fi
-moto_server --version >/dev/null 2>&1 || command -v moto_server
+command -v moto_server
 cfn-lint --version
+# cargo lambda, whose local emulator runs each function binary in tests/tests/lambda_emulator.rs.
+bash scripts/lambda-check.sh
+cargo lambda --version
 
 step "cfn-lint template.yaml"
 cfn-lint template.yaml

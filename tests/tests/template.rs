@@ -869,3 +869,34 @@ fn every_function_is_built_from_its_crate_and_configured() {
         "manual-run knows its contributors"
     );
 }
+
+/// The table template.yaml deploys is the one the store's code creates (`create_table`): the
+/// same indexes copying the same attributes.
+#[test]
+fn the_deployed_indexes_copy_what_the_store_reads() {
+    let text =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../template.yaml")).unwrap();
+    let doc: serde_yaml_ng::Value = serde_yaml_ng::from_str(&text).unwrap();
+    let indexes = doc["Resources"]["Table"]["Properties"]["GlobalSecondaryIndexes"]
+        .as_sequence()
+        .unwrap();
+    let attributes = |name: &str| -> Vec<String> {
+        let index = indexes
+            .iter()
+            .find(|i| i["IndexName"].as_str() == Some(name))
+            .unwrap();
+        assert_eq!(
+            index["Projection"]["ProjectionType"].as_str(),
+            Some("INCLUDE"),
+            "{name}"
+        );
+        index["Projection"]["NonKeyAttributes"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(attributes("gsi1"), riposte_aws::table::GSI1_ATTRIBUTES);
+    assert_eq!(attributes("gsi2"), riposte_aws::table::GSI2_ATTRIBUTES);
+}

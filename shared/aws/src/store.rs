@@ -220,7 +220,7 @@ impl DynamoStore {
 }
 
 fn rule_of(item: &Item) -> Result<Rule, StoreError> {
-    from_json("rule", item.str("body")?)
+    from_json("rule", item.str("rule")?)
 }
 
 #[async_trait]
@@ -326,7 +326,8 @@ impl Store for DynamoStore {
         let mut item = key(rule_pk(&rule.id), SK_RULE);
         item.extend([
             ("id".to_string(), s(&rule.id)),
-            ("body".to_string(), s(to_json(rule)?)),
+            // Under its own name: gsi1 copies `rule`, never a run's `body`.
+            ("rule".to_string(), s(to_json(rule)?)),
             ("gsi1pk".to_string(), s(rules_gsi1pk(rule.trigger))),
             ("gsi1sk".to_string(), s(rule_gsi1sk(rule.order, &rule.id))),
         ]);

@@ -133,21 +133,35 @@ fn string_attribute(name: &str) -> AttributeDefinition {
         .expect("name and type are set")
 }
 
-fn index(name: &str, pk: &str, sk: &str) -> GlobalSecondaryIndex {
+/// What gsi1 copies: a rule's JSON (`rule`), a playbook head's `latest` and `deleted`, and the ids
+/// pending outboxes are found by. Not a run's body: an index bills every copy at its size.
+pub const GSI1_ATTRIBUTES: &[&str] = &["id", "rule", "latest", "deleted"];
+/// What gsi2 copies: a run's summary, all that `list_runs` reads.
+pub const GSI2_ATTRIBUTES: &[&str] = &[
+    "id",
+    "playbook_id",
+    "playbook_version",
+    "status",
+    "created_at",
+    "updated_at",
+];
+
+fn index(name: &str, pk: &str, sk: &str, attributes: &[&str]) -> GlobalSecondaryIndex {
     GlobalSecondaryIndex::builder()
         .index_name(name)
         .key_schema(key(pk, KeyType::Hash))
         .key_schema(key(sk, KeyType::Range))
         .projection(
             Projection::builder()
-                .projection_type(ProjectionType::All)
+                .projection_type(ProjectionType::Include)
+                .set_non_key_attributes(Some(attributes.iter().map(|a| a.to_string()).collect()))
                 .build(),
         )
         .build()
         .expect("name, keys and projection are set")
 }
 
-/// The `CreateTable` request for this layout (on-demand, both GSIs projecting all attributes).
+/// The `CreateTable` request for this layout (on-demand; each GSI copies only what is read from it).
 /// Send it as is, or read it to write the same table in infrastructure code.
 pub fn table_definition(client: &Client, name: &str) -> CreateTableFluentBuilder {
     client
@@ -162,8 +176,8 @@ pub fn table_definition(client: &Client, name: &str) -> CreateTableFluentBuilder
         .attribute_definitions(string_attribute("gsi2sk"))
         .key_schema(key("pk", KeyType::Hash))
         .key_schema(key("sk", KeyType::Range))
-        .global_secondary_indexes(index(GSI1, "gsi1pk", "gsi1sk"))
-        .global_secondary_indexes(index(GSI2, "gsi2pk", "gsi2sk"))
+        .global_secondary_indexes(index(GSI1, "gsi1pk", "gsi1sk", GSI1_ATTRIBUTES))
+        .global_secondary_indexes(index(GSI2, "gsi2pk", "gsi2sk", GSI2_ATTRIBUTES))
 }
 
 /// Creates the table, waits (at most two minutes) until it is active, and turns on its TTL.

@@ -83,6 +83,9 @@ async fn the_table_has_both_indexes_on_demand_with_ttl() {
                     .map(|k| k.attribute_name().to_string())
                     .collect::<Vec<_>>(),
                 g.projection().and_then(|p| p.projection_type()).cloned(),
+                g.projection()
+                    .map(|p| p.non_key_attributes().to_vec())
+                    .unwrap_or_default(),
             )
         })
         .collect();
@@ -93,12 +96,20 @@ async fn the_table_has_both_indexes_on_demand_with_ttl() {
             (
                 "gsi1".to_string(),
                 vec!["gsi1pk".to_string(), "gsi1sk".to_string()],
-                Some(ProjectionType::All)
+                Some(ProjectionType::Include),
+                riposte_aws::table::GSI1_ATTRIBUTES
+                    .iter()
+                    .map(|a| a.to_string())
+                    .collect::<Vec<_>>()
             ),
             (
                 "gsi2".to_string(),
                 vec!["gsi2pk".to_string(), "gsi2sk".to_string()],
-                Some(ProjectionType::All)
+                Some(ProjectionType::Include),
+                riposte_aws::table::GSI2_ATTRIBUTES
+                    .iter()
+                    .map(|a| a.to_string())
+                    .collect::<Vec<_>>()
             ),
         ]
     );

@@ -369,8 +369,8 @@ fn read_items(call: &Call) -> Option<Read> {
 }
 
 /// Write units of every write, from the item sizes seen before and after it (an update costs the
-/// larger of the item before and after; projected-ALL indexes cost the same again per index
-/// whose key the item has).
+/// larger of the item before and after; each index whose key the item has costs its projected
+/// size again).
 struct WriteCost {
     base: f64,
     gsi: f64,
@@ -420,11 +420,25 @@ fn write_costs(
             }
             let final_item = final_items.get(&w.key);
             let has = |attr: &str| final_item.is_some_and(|i| i.get(attr).is_some());
-            let indexes = usize::from(has("gsi2pk")) + usize::from(has("gsi1pk") || w.touches_gsi1);
-            WriteCost {
-                base,
-                gsi: factor * indexes as f64 * wru(size),
+            // Each index bills its own copy, at the size of what it projects: the keys plus its
+            // INCLUDE attributes (riposte_aws::table), never the run body.
+            let projected = |extra: &[&str]| -> usize {
+                let keys = ["pk", "sk", "gsi1pk", "gsi1sk", "gsi2pk", "gsi2sk"];
+                final_item.and_then(Value::as_object).map_or(0, |m| {
+                    m.iter()
+                        .filter(|(k, _)| keys.contains(&k.as_str()) || extra.contains(&k.as_str()))
+                        .map(|(k, v)| k.len() + value_size(v))
+                        .sum()
+                })
+            };
+            let mut gsi = 0.0;
+            if has("gsi2pk") {
+                gsi += factor * wru(projected(riposte_aws::table::GSI2_ATTRIBUTES));
             }
+            if has("gsi1pk") || w.touches_gsi1 {
+                gsi += factor * wru(projected(riposte_aws::table::GSI1_ATTRIBUTES));
+            }
+            WriteCost { base, gsi }
         })
         .collect()
 }
@@ -1067,7 +1081,7 @@ async fn api_calls_and_cost() -> Moto {
     println!();
     println!(
         "Prices: DynamoDB on-demand ${DDB_PER_MILLION_WRU:.2}/M write request units (1 WRU per KB \
-         written, x2 in a transaction, projected-ALL index copies billed again), \
+         written, x2 in a transaction, each index's projected copy billed again), \
          ${DDB_PER_MILLION_RRU:.2}/M read request units (1 RRU per 4 KB strongly consistent, half \
          eventually consistent); SQS ${SQS_PER_MILLION_REQUESTS:.2}/M requests; Lambda \
          ${LAMBDA_PER_MILLION_REQUESTS:.2}/M requests + ${LAMBDA_ARM64_PER_GB_SECOND}/GB-s (arm64, \
@@ -1095,7 +1109,7 @@ async fn api_calls_and_cost() -> Moto {
     );
     println!(
         "| {:<60} | {:>12.0} | {:>9.2} |",
-        "DynamoDB write request units, GSI copies (projection ALL)",
+        "DynamoDB write request units, GSI copies (INCLUDE projections)",
         gsi_all,
         gsi_all * DDB_PER_MILLION_WRU
     );

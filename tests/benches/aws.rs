@@ -19,8 +19,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use aws_lambda_events::event::sqs::SqsEvent;
-use aws_sdk_sqs::types::MessageSystemAttributeName;
 use aws_smithy_runtime_api::box_error::BoxError;
 use aws_smithy_runtime_api::client::interceptors::Intercept;
 use aws_smithy_runtime_api::client::interceptors::context::{
@@ -40,7 +38,7 @@ use riposte_core::model::AlertKind;
 use riposte_core::run::{Run, RunStatus, StepStatus};
 use riposte_core::service::Service;
 use riposte_core::store::Store;
-use riposte_tests::moto::Moto;
+use riposte_tests::moto::{Moto, acknowledge, receive_batch};
 use riposte_tests::vendors::{SECRETS, Vendors, connections, vendors};
 use riposte_tests::{OffsetClock, event, repo, secrets_from, sender};
 
@@ -543,16 +541,7 @@ impl Aws {
     /// Receives what SQS has ready and hands it to the step worker as Lambda's SQS integration
     /// would: deletes what succeeded, leaves failures. Returns how many messages it delivered.
     async fn deliver_ready(&self) -> usize {
-        let out = self
-            .esm
-            .receive_message()
-            .queue_url(&self.queue)
-            .max_number_of_messages(10)
-            .message_system_attribute_names(MessageSystemAttributeName::ApproximateReceiveCount)
-            .send()
-            .await
-            .unwrap();
-        let messages = out.messages.unwrap_or_default();
+        let (messages, event) = receive_batch(&self.esm, &self.queue).await;
         {
             let mut r = self.receives.lock().unwrap();
             if messages.is_empty() {
@@ -564,40 +553,10 @@ impl Aws {
         if messages.is_empty() {
             return 0;
         }
-        let records: Vec<Value> = messages
-            .iter()
-            .map(|m| {
-                json!({
-                    "messageId": m.message_id,
-                    "receiptHandle": m.receipt_handle,
-                    "body": m.body,
-                    "attributes": {"ApproximateReceiveCount": m.attributes.as_ref()
-                        .and_then(|a| a.get(&MessageSystemAttributeName::ApproximateReceiveCount))
-                        .cloned().unwrap_or("1".into())},
-                    "eventSource": "aws:sqs",
-                })
-            })
-            .collect();
-        let event: SqsEvent = serde_json::from_value(json!({ "Records": records })).unwrap();
         let started = Instant::now();
         let response = riposte_lambda::on_messages(&self.service, event, 5).await;
         self.invoked("step-worker", messages.len(), started.elapsed());
-        let failed: Vec<&str> = response
-            .batch_item_failures
-            .iter()
-            .map(|f| f.item_identifier.as_str())
-            .collect();
-        for m in &messages {
-            if !failed.contains(&m.message_id.as_deref().unwrap_or_default()) {
-                self.esm
-                    .delete_message()
-                    .queue_url(&self.queue)
-                    .receipt_handle(m.receipt_handle.clone().unwrap())
-                    .send()
-                    .await
-                    .unwrap();
-            }
-        }
+        acknowledge(&self.esm, &self.queue, &messages, &response).await;
         messages.len()
     }
 

@@ -65,3 +65,67 @@ impl Moto {
             .await
     }
 }
+
+/// Stands in for Lambda's SQS event source mapping: up to 10 ready messages from `queue`, as the
+/// SQS event the step worker receives (with `ApproximateReceiveCount`).
+pub async fn receive_batch(
+    sqs: &aws_sdk_sqs::Client,
+    queue: &str,
+) -> (
+    Vec<aws_sdk_sqs::types::Message>,
+    aws_lambda_events::event::sqs::SqsEvent,
+) {
+    use aws_sdk_sqs::types::MessageSystemAttributeName::ApproximateReceiveCount;
+    let out = sqs
+        .receive_message()
+        .queue_url(queue)
+        .max_number_of_messages(10)
+        .message_system_attribute_names(ApproximateReceiveCount)
+        .send()
+        .await
+        .unwrap();
+    let messages = out.messages.unwrap_or_default();
+    let records: Vec<serde_json::Value> = messages
+        .iter()
+        .map(|m| {
+            let receives = m
+                .attributes
+                .as_ref()
+                .and_then(|a| a.get(&ApproximateReceiveCount))
+                .cloned();
+            serde_json::json!({
+                "messageId": m.message_id,
+                "receiptHandle": m.receipt_handle,
+                "body": m.body,
+                "attributes": {"ApproximateReceiveCount": receives.unwrap_or_else(|| "1".into())},
+                "eventSource": "aws:sqs",
+            })
+        })
+        .collect();
+    let event = serde_json::from_value(serde_json::json!({ "Records": records })).unwrap();
+    (messages, event)
+}
+
+/// Deletes the messages the step worker did not report as failed, as the event source mapping
+/// does with a partial batch response.
+pub async fn acknowledge(
+    sqs: &aws_sdk_sqs::Client,
+    queue: &str,
+    messages: &[aws_sdk_sqs::types::Message],
+    response: &aws_lambda_events::event::sqs::SqsBatchResponse,
+) {
+    for m in messages {
+        let failed = response
+            .batch_item_failures
+            .iter()
+            .any(|f| Some(f.item_identifier.as_str()) == m.message_id.as_deref());
+        if !failed {
+            sqs.delete_message()
+                .queue_url(queue)
+                .receipt_handle(m.receipt_handle.clone().unwrap())
+                .send()
+                .await
+                .unwrap();
+        }
+    }
+}

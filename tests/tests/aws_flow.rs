@@ -6,10 +6,9 @@
 use std::sync::Arc;
 
 use aws_lambda_events::event::sqs::SqsEvent;
-use aws_sdk_sqs::types::MessageSystemAttributeName;
 use axum::body::Body;
 use axum::http::Request;
-use serde_json::{Value, json};
+use serde_json::json;
 use tower::ServiceExt;
 
 use riposte_aws::{AwsConfig, DynamoStore};
@@ -18,7 +17,7 @@ use riposte_core::model::AlertKind;
 use riposte_core::run::{Run, RunStatus};
 use riposte_core::service::Service;
 use riposte_core::store::Store;
-use riposte_tests::moto::Moto;
+use riposte_tests::moto::{Moto, acknowledge, receive_batch};
 use riposte_tests::vendors::{SECRETS, Vendors, connections, vendors};
 use riposte_tests::{OffsetClock, event, repo, secrets_from, sender};
 
@@ -81,50 +80,12 @@ impl Aws {
     /// Receives what SQS has ready and hands it to the step worker as Lambda's SQS integration
     /// would: deletes what succeeded, leaves failures. Returns the bodies delivered.
     async fn deliver_ready(&self) -> Vec<String> {
-        let out = self
-            .sqs
-            .receive_message()
-            .queue_url(&self.queue)
-            .max_number_of_messages(10)
-            .message_system_attribute_names(MessageSystemAttributeName::ApproximateReceiveCount)
-            .send()
-            .await
-            .unwrap();
-        let messages = out.messages.unwrap_or_default();
+        let (messages, event) = receive_batch(&self.sqs, &self.queue).await;
         if messages.is_empty() {
             return vec![];
         }
-        let records: Vec<Value> = messages
-            .iter()
-            .map(|m| {
-                json!({
-                    "messageId": m.message_id,
-                    "receiptHandle": m.receipt_handle,
-                    "body": m.body,
-                    "attributes": {"ApproximateReceiveCount": m.attributes.as_ref()
-                        .and_then(|a| a.get(&MessageSystemAttributeName::ApproximateReceiveCount)).cloned().unwrap_or("1".into())},
-                    "eventSource": "aws:sqs",
-                })
-            })
-            .collect();
-        let event: SqsEvent = serde_json::from_value(json!({ "Records": records })).unwrap();
         let response = riposte_lambda::on_messages(&self.service, event, 5).await;
-        let failed: Vec<&str> = response
-            .batch_item_failures
-            .iter()
-            .map(|f| f.item_identifier.as_str())
-            .collect();
-        for m in &messages {
-            if !failed.contains(&m.message_id.as_deref().unwrap_or_default()) {
-                self.sqs
-                    .delete_message()
-                    .queue_url(&self.queue)
-                    .receipt_handle(m.receipt_handle.clone().unwrap())
-                    .send()
-                    .await
-                    .unwrap();
-            }
-        }
+        acknowledge(&self.sqs, &self.queue, &messages, &response).await;
         messages.into_iter().filter_map(|m| m.body).collect()
     }
 

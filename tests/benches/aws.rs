@@ -40,7 +40,7 @@ use riposte_core::service::Service;
 use riposte_core::store::Store;
 use riposte_tests::moto::{Moto, acknowledge, receive_batch};
 use riposte_tests::vendors::{SECRETS, Vendors, connections, vendors};
-use riposte_tests::{OffsetClock, event, repo, secrets_from, sender};
+use riposte_tests::{OffsetClock, event, repo, secrets_from, sender, test_connections};
 
 const FUNCTIONS: [&str; 6] = [
     "alert-created",
@@ -504,7 +504,8 @@ async fn aws(v: &Vendors) -> Aws {
     let service = riposte_lambda::service_with(
         store.clone(),
         APPROVAL_KEY,
-        Connections::parse(&connections(v), None).unwrap(),
+        test_connections(Connections::parse(&connections(v), None).unwrap()),
+        riposte_core::connector::ConnectorCatalog::shipped(),
         PUBLIC_URL.into(),
         sender(secrets_from(SECRETS)),
         clock,

@@ -79,6 +79,14 @@ pub fn event(name: &str) -> Value {
         .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
 }
 
+/// Connections pointed at stand-ins on 127.0.0.1: any host is allowed.
+pub fn test_connections(
+    mut c: riposte_core::connector::Connections,
+) -> riposte_core::connector::Connections {
+    c.allow_any_host = true;
+    c
+}
+
 /// One request as a vendor received it.
 #[derive(Clone, Debug)]
 pub struct Recorded {
@@ -279,7 +287,12 @@ impl Riposte {
         let clock = Arc::new(OffsetClock::default());
         let local = build(
             &dir.path().join("riposte.db"),
-            load_connections(&conn_path).unwrap(),
+            {
+                let mut c = load_connections(&conn_path).unwrap();
+                c.allow_any_host = true;
+                c
+            },
+            riposte_core::connector::ConnectorCatalog::shipped(),
             url.clone(),
             sender,
             clock.clone(),

@@ -19,7 +19,7 @@ use riposte_core::service::Service;
 use riposte_core::store::Store;
 use riposte_tests::moto::{Moto, acknowledge, receive_batch};
 use riposte_tests::vendors::{SECRETS, Vendors, connections, vendors};
-use riposte_tests::{OffsetClock, event, repo, secrets_from, sender};
+use riposte_tests::{OffsetClock, event, repo, secrets_from, sender, test_connections};
 
 struct Aws {
     _moto: Moto,
@@ -54,7 +54,8 @@ async fn aws(v: &Vendors) -> Aws {
     let service = riposte_lambda::service_with(
         store.clone(),
         "test-approval-key-0123456789abcdef",
-        Connections::parse(&connections(v), None).unwrap(),
+        test_connections(Connections::parse(&connections(v), None).unwrap()),
+        riposte_core::connector::ConnectorCatalog::shipped(),
         "https://riposte.example.com".into(),
         sender(secrets_from(SECRETS)),
         clock.clone(),
@@ -375,7 +376,12 @@ async fn a_message_failing_on_its_last_receive_fails_its_run_and_spares_its_neig
         None,
     )
     .unwrap();
-    let pb = riposte_core::playbook::compile(spec, 3, &riposte_core::connector::Builtins).unwrap();
+    let pb = riposte_core::playbook::compile(
+        spec,
+        3,
+        &riposte_core::connector::ConnectorCatalog::shipped(),
+    )
+    .unwrap();
     let (run, fx) = riposte_core::engine::Engine::new(&pb).start(
         "lost-run".into(),
         riposte_core::run::Trigger::Manual { by: "o".into() },

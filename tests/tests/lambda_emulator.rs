@@ -22,7 +22,7 @@ use riposte_core::connector::Connections;
 use riposte_core::store::Store;
 use riposte_tests::moto::Moto;
 use riposte_tests::vendors::{SECRETS, connections, vendors};
-use riposte_tests::{OffsetClock, event, repo, secrets_from, sender};
+use riposte_tests::{OffsetClock, event, repo, secrets_from, sender, test_connections};
 
 const APPROVAL_KEY: &str = "test-approval-key-0123456789abcdef";
 const PUBLIC_URL: &str = "https://riposte.example.com";
@@ -319,7 +319,8 @@ async fn each_function_binary_answers_its_sample_under_cargo_lambda_watch() {
     let service = riposte_lambda::service_with(
         store.clone(),
         APPROVAL_KEY,
-        Connections::parse(&connections(&v), None).unwrap(),
+        test_connections(Connections::parse(&connections(&v), None).unwrap()),
+        riposte_core::connector::ConnectorCatalog::shipped(),
         PUBLIC_URL.into(),
         sender(secrets_from(SECRETS)),
         Arc::new(OffsetClock::default()),

@@ -214,7 +214,12 @@ async fn a_message_that_keeps_failing_is_set_aside_and_its_run_failed_with_the_r
         None,
     )
     .unwrap();
-    let pb = riposte_core::playbook::compile(spec, 9, &riposte_core::connector::Builtins).unwrap();
+    let pb = riposte_core::playbook::compile(
+        spec,
+        9,
+        &riposte_core::connector::ConnectorCatalog::shipped(),
+    )
+    .unwrap();
     let (run, fx) = Engine::new(&pb).start(
         "poisoned".into(),
         Trigger::Manual {

@@ -93,6 +93,44 @@ impl Expr {
             .collect()
     }
 
+    /// The variables an expression reads from its scope: [`Expr::variables`] less CEL's type
+    /// names (`string`, `map`, ...) and the variables macros bind (`x` in `list.map(x, ...)`).
+    pub fn free_variables(&self) -> Vec<String> {
+        const TYPES: &[&str] = &[
+            "string",
+            "map",
+            "list",
+            "int",
+            "uint",
+            "double",
+            "bool",
+            "bytes",
+            "null_type",
+            "type",
+        ];
+        let mut bound: Vec<String> = Vec::new();
+        let src: &str = &self.source;
+        for m in ["map", "filter", "exists", "all", "exists_one"] {
+            let pat = format!(".{m}(");
+            let mut rest = src;
+            while let Some(i) = rest.find(&pat) {
+                rest = &rest[i + pat.len()..];
+                let var: String = rest
+                    .trim_start()
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                if !var.is_empty() && rest.trim_start()[var.len()..].trim_start().starts_with(',') {
+                    bound.push(var);
+                }
+            }
+        }
+        self.variables()
+            .into_iter()
+            .filter(|v| !TYPES.contains(&v.as_str()) && !bound.contains(v))
+            .collect()
+    }
+
     /// The `VAR.FIELD == 'literal'` tests joined by `&&` at the top of the expression: when one of
     /// them is false, so is the whole expression (CEL's `&&` is false if either side is false, even
     /// when the other errs). Rule matching uses them as an index.
@@ -207,6 +245,9 @@ pub enum Encoding {
     /// One URL path segment: everything but unreserved characters is percent-encoded, so a `/`,
     /// `?` or `..` from an alert cannot change which resource is addressed.
     PathSegment,
+    /// XML character data or attribute value: `&`, `<`, `>`, `"` and `'` are escaped, so an
+    /// alert's text cannot open or close an element.
+    Xml,
 }
 
 /// A value tree with expressions in it, compiled once at load.
@@ -283,8 +324,8 @@ impl Template {
             Template::Whole(e) => {
                 let v = e.eval(scope)?;
                 match (encoding, v) {
-                    (Encoding::PathSegment, v) => Value::String(encode(&text_of(&v), encoding)),
                     (Encoding::Text, v) => v,
+                    (_, v) => Value::String(encode(&text_of(&v), encoding)),
                 }
             }
             Template::Mixed(parts) => {
@@ -326,6 +367,20 @@ pub fn text_of(v: &Value) -> String {
 fn encode(s: &str, encoding: Encoding) -> String {
     match encoding {
         Encoding::Text => s.to_string(),
+        Encoding::Xml => {
+            let mut out = String::with_capacity(s.len());
+            for c in s.chars() {
+                match c {
+                    '&' => out.push_str("&amp;"),
+                    '<' => out.push_str("&lt;"),
+                    '>' => out.push_str("&gt;"),
+                    '"' => out.push_str("&quot;"),
+                    '\'' => out.push_str("&apos;"),
+                    c => out.push(c),
+                }
+            }
+            out
+        }
         Encoding::PathSegment => {
             let mut out = String::with_capacity(s.len());
             for b in s.bytes() {

@@ -54,6 +54,38 @@ pub enum Auth {
         service: String,
         region: String,
     },
+    /// A signed webhook: `header` carries `sha256=` and the hex HMAC-SHA256, keyed by the secret,
+    /// of `<unix seconds>.<body>`; `timestamp_header` carries the seconds, so the receiver can
+    /// refuse stale or replayed deliveries.
+    Hmac {
+        secret: SecretRef,
+        #[serde(default = "default_hmac_header")]
+        header: String,
+        #[serde(default = "default_hmac_timestamp_header")]
+        timestamp_header: String,
+    },
+}
+
+fn default_hmac_header() -> String {
+    "X-Riposte-Signature".into()
+}
+fn default_hmac_timestamp_header() -> String {
+    "X-Riposte-Timestamp".into()
+}
+
+impl Auth {
+    /// The `type` name, as connectors list it.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Auth::None => "none",
+            Auth::Bearer { .. } => "bearer",
+            Auth::Basic { .. } => "basic",
+            Auth::ApiKey { .. } => "api_key",
+            Auth::Oauth2ClientCredentials { .. } => "oauth2_client_credentials",
+            Auth::AwsSigv4 { .. } => "aws_sigv4",
+            Auth::Hmac { .. } => "hmac",
+        }
+    }
 }
 
 /// A named, declared endpoint: the only place a scheme, host and credentials come from.
@@ -120,6 +152,10 @@ pub struct HttpRequest {
     /// Overrides the connection's timeout (milliseconds) when smaller.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_ms: Option<u64>,
+    /// Answer every status as a response (a connector's `success` decides), instead of turning
+    /// non-2xx statuses into errors.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub any_status: bool,
 }
 
 /// What came back. `body` is JSON when the response parsed as JSON, else a string.
@@ -133,12 +169,15 @@ pub struct HttpResponse {
 /// Why a call did not produce a response the step can use.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
 pub enum HttpError {
-    /// Worth retrying: connection refused or reset, timeout, 429, 5xx.
+    /// Worth retrying, though the request may have reached the remote: reset, timeout, 429, 5xx.
     #[error("{0}")]
     Retryable(String),
     /// Retrying cannot help: 4xx, refused by egress policy, unknown connection, bad request.
     #[error("{0}")]
     Terminal(String),
+    /// Nothing reached the remote (the connection was refused): retrying is always safe.
+    #[error("{0}")]
+    NotSent(String),
 }
 
 /// Header names whose values are never shown (dry runs, history, errors).

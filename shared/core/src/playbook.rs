@@ -111,6 +111,19 @@ pub struct NotifySpec {
     pub action: String,
     #[serde(default)]
     pub with: Value,
+    /// Sent once the approval is decided (by anyone, on any channel), e.g. to update the chat
+    /// message with who decided and when; sees `decision` (`choice`, `by`, `at`, `channel`) and
+    /// `sent` (this notification's output).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_decided: Option<NotifyUpdateSpec>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NotifyUpdateSpec {
+    pub action: String,
+    #[serde(default)]
+    pub with: Value,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -159,11 +172,23 @@ pub enum OnErrorSpec {
 /// What a step does.
 #[derive(Clone, Debug, PartialEq)]
 pub enum StepKind {
-    Action { operation: String, inputs: Template },
+    Action {
+        operation: String,
+        inputs: Template,
+        /// Repeating the call is harmless; when false, an unknown outcome goes to a human.
+        idempotent: bool,
+    },
     Approval(Approval),
-    Wait { ms: u64 },
-    Set { values: Template },
-    Playbook { id: String, inputs: Template },
+    Wait {
+        ms: u64,
+    },
+    Set {
+        values: Template,
+    },
+    Playbook {
+        id: String,
+        inputs: Template,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -173,7 +198,16 @@ pub struct Approval {
     pub default: Option<String>,
     pub expires_in_ms: u64,
     pub approvers: Vec<String>,
-    pub notify: Vec<(String, Template)>,
+    pub notify: Vec<Notify>,
+}
+
+/// One channel an approval is sent through.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Notify {
+    pub operation: String,
+    pub inputs: Template,
+    /// What to send once the approval is decided.
+    pub on_decided: Option<(String, Template)>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -270,8 +304,11 @@ impl Step {
             StepKind::Set { values } => exprs.extend(values.exprs()),
             StepKind::Approval(a) => {
                 exprs.extend(a.message.exprs());
-                for (_, t) in &a.notify {
-                    exprs.extend(t.exprs());
+                for n in &a.notify {
+                    exprs.extend(n.inputs.exprs());
+                    if let Some((_, t)) = &n.on_decided {
+                        exprs.extend(t.exprs());
+                    }
                 }
             }
             StepKind::Wait { .. } => {}
@@ -370,10 +407,12 @@ pub trait Catalog {
 /// The inputs an operation takes.
 #[derive(Clone, Debug, Default)]
 pub struct OperationSchema {
-    pub required: Vec<&'static str>,
-    pub optional: Vec<&'static str>,
+    pub required: Vec<String>,
+    pub optional: Vec<String>,
     /// Inputs that must be written literally (no expression): they choose where a call goes.
-    pub literal: Vec<&'static str>,
+    pub literal: Vec<String>,
+    /// Whether repeating the call is harmless.
+    pub idempotent: bool,
 }
 
 /// A valid id: 1 to 64 of `[A-Za-z0-9_-]`, starting with a letter.
@@ -469,7 +508,8 @@ pub fn load(source: &str, file: Option<&str>, catalog: &dyn Catalog) -> Result<P
 
 /// The variables a playbook expression may read.
 pub const SCOPE_VARS: &[&str] = &[
-    "input", "alert", "vars", "steps", "item", "index", "run", "output", "approval",
+    "input", "alert", "vars", "steps", "item", "index", "run", "output", "approval", "decision",
+    "sent",
 ];
 
 struct Checker<'a> {
@@ -502,7 +542,7 @@ impl Checker<'_> {
     }
 
     fn check_vars(&mut self, field: &str, e: &Expr) {
-        for v in e.variables() {
+        for v in e.free_variables() {
             if !SCOPE_VARS.contains(&v.as_str()) {
                 self.problem(
                     field,
@@ -540,11 +580,13 @@ impl Checker<'_> {
         })
     }
 
-    fn action(&mut self, field: &str, operation: &str, with: &Value) -> Template {
+    fn action(&mut self, field: &str, operation: &str, with: &Value) -> (Template, bool) {
         let inputs = self.template(&format!("{field}.with"), with);
+        let mut idempotent = true;
         match self.catalog.operation(operation) {
             Err(m) => self.problem(field, m),
             Ok(schema) => {
+                idempotent = schema.idempotent;
                 let given: Vec<&String> = match with {
                     Value::Object(m) => m.keys().collect(),
                     Value::Null => vec![],
@@ -554,7 +596,7 @@ impl Checker<'_> {
                     }
                 };
                 for req in &schema.required {
-                    if !given.iter().any(|g| g == req) {
+                    if !given.contains(&req) {
                         self.problem(
                             &format!("{field}.with"),
                             format!("`{operation}` needs input `{req}`"),
@@ -562,14 +604,12 @@ impl Checker<'_> {
                     }
                 }
                 for g in &given {
-                    if !schema.required.contains(&g.as_str())
-                        && !schema.optional.contains(&g.as_str())
-                    {
+                    if !schema.required.contains(g) && !schema.optional.contains(g) {
                         let known: Vec<&str> = schema
                             .required
                             .iter()
                             .chain(&schema.optional)
-                            .copied()
+                            .map(String::as_str)
                             .collect();
                         self.problem(
                             &format!("{field}.with.{g}"),
@@ -581,7 +621,7 @@ impl Checker<'_> {
                     }
                 }
                 for lit in &schema.literal {
-                    if let Some(v) = with.get(*lit)
+                    if let Some(v) = with.get(lit.as_str())
                         && Template::compile(v, "")
                             .map(|t| !t.is_literal())
                             .unwrap_or(false)
@@ -594,7 +634,7 @@ impl Checker<'_> {
                 }
             }
         }
-        inputs
+        (inputs, idempotent)
     }
 }
 
@@ -661,9 +701,11 @@ pub fn compile(
             c.problem("with", "only `action` and `playbook` steps take inputs");
         }
         let kind = if let Some(op) = &s.action {
+            let (inputs, idempotent) = c.action("action", op, &with);
             StepKind::Action {
                 operation: op.clone(),
-                inputs: c.action("action", op, &with),
+                inputs,
+                idempotent,
             }
         } else if let Some(a) = &s.approval {
             if a.choices.is_empty() {
@@ -700,8 +742,16 @@ pub fn compile(
                 .enumerate()
                 .map(|(i, n)| {
                     let field = format!("approval.notify[{i}]");
-                    let t = c.action(&field, &n.action, &n.with);
-                    (n.action.clone(), t)
+                    let inputs = c.action(&field, &n.action, &n.with).0;
+                    let on_decided = n.on_decided.as_ref().map(|u| {
+                        let f = format!("{field}.on_decided");
+                        (u.action.clone(), c.action(&f, &u.action, &u.with).0)
+                    });
+                    Notify {
+                        operation: n.action.clone(),
+                        inputs,
+                        on_decided,
+                    }
                 })
                 .collect();
             StepKind::Approval(Approval {
@@ -964,13 +1014,17 @@ mod tests {
     use super::*;
 
     pub(crate) struct TestCatalog;
+    fn strings(s: &[&str]) -> Vec<String> {
+        s.iter().map(|s| s.to_string()).collect()
+    }
     impl Catalog for TestCatalog {
         fn operation(&self, name: &str) -> Result<OperationSchema, String> {
             match name {
                 "http.request" => Ok(OperationSchema {
-                    required: vec!["connection", "method", "path"],
-                    optional: vec!["query", "headers", "json", "form"],
-                    literal: vec!["connection"],
+                    required: strings(&["connection", "method", "path"]),
+                    optional: strings(&["query", "headers", "json", "form"]),
+                    literal: strings(&["connection"]),
+                    idempotent: true,
                 }),
                 other => Err(format!("unknown operation `{other}`")),
             }

@@ -102,7 +102,7 @@ impl Rule {
         }
         let condition = match Expr::parse(&self.condition) {
             Ok(e) => {
-                for v in e.variables() {
+                for v in e.free_variables() {
                     if v != "alert" {
                         p(
                             "condition",

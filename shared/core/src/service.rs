@@ -14,8 +14,10 @@ use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
 use crate::approval::{Claims, Signer, TokenError, nonce_hash, same_hash};
-use crate::connector::{Builtins, Connections, connections_used};
-use crate::engine::{Answer, Claim, DecideError, Effects, Engine, IssuedLinks, Outcome, Work};
+use crate::connector::{Connections, ConnectorCatalog, call::call};
+use crate::engine::{
+    Answer, Call, Claim, DecideError, Effects, Engine, IssuedLinks, NotifyWork, Outcome, Work,
+};
 use crate::event;
 use crate::http::{HttpError, HttpRequest};
 use crate::model::{Alert, AlertKind, Millis};
@@ -113,6 +115,8 @@ pub struct Deps {
     pub ids: Arc<dyn IdSource>,
     pub signer: Signer,
     pub connections: Connections,
+    /// Every operation playbooks may call: built-in, shipped and the user's connectors.
+    pub catalog: Arc<ConnectorCatalog>,
     pub config: Config,
 }
 
@@ -165,7 +169,7 @@ fn outcome_of(result: Result<crate::http::HttpResponse, HttpError>) -> Outcome {
                 .collect();
             Outcome::Done(json!({"status": r.status, "headers": headers, "body": r.body}))
         }
-        Err(HttpError::Retryable(m)) => Outcome::Failed {
+        Err(HttpError::Retryable(m) | HttpError::NotSent(m)) => Outcome::Failed {
             message: m,
             retryable: true,
         },
@@ -207,8 +211,10 @@ impl Service {
             .ok_or_else(|| {
                 Error::NotFound(format!("playbook `{id}` version {version} not found"))
             })?;
-        let p =
-            Arc::new(playbook::compile(stored.spec, version, &Builtins).map_err(Error::Invalid)?);
+        let p = Arc::new(
+            playbook::compile(stored.spec, version, self.d.catalog.as_ref())
+                .map_err(Error::Invalid)?,
+        );
         self.playbooks
             .lock()
             .map_err(|_| poisoned())?
@@ -521,16 +527,31 @@ impl Service {
     async fn perform(&self, work: &Work) -> Outcome {
         match work {
             Work::Http(req) => self.send(req).await,
-            Work::Notify(reqs) => {
-                for r in reqs {
-                    if let Outcome::Failed { message, retryable } = self.send(r).await {
-                        return Outcome::Failed {
-                            message: format!(
-                                "sending the approval through `{}`: {message}",
-                                r.connection
-                            ),
-                            retryable,
-                        };
+            Work::Call(c) => self.call(c).await,
+            Work::Notify(list) => {
+                for n in list {
+                    let (connection, outcome) = match n {
+                        NotifyWork::Http(r) => (&r.connection, self.send(r).await),
+                        NotifyWork::Call(c) => (&c.connection, self.call(c).await),
+                    };
+                    match outcome {
+                        Outcome::Failed { message, retryable } => {
+                            return Outcome::Failed {
+                                message: format!(
+                                    "sending the approval through `{connection}`: {message}"
+                                ),
+                                retryable,
+                            };
+                        }
+                        // An approval message lost in flight is sent again: a duplicate
+                        // message is better than an approval nobody sees.
+                        Outcome::Unknown(message) => {
+                            return Outcome::Failed {
+                                message,
+                                retryable: true,
+                            };
+                        }
+                        _ => {}
                     }
                 }
                 Outcome::Waiting
@@ -541,6 +562,24 @@ impl Service {
                 retryable: false,
             },
         }
+    }
+
+    async fn call(&self, c: &Call) -> Outcome {
+        let Some(op) = self.d.catalog.operation_named(&c.operation) else {
+            return Outcome::Failed {
+                message: format!("unknown operation `{}`", c.operation),
+                retryable: false,
+            };
+        };
+        let Some(conn) = self.d.connections.get(&c.connection) else {
+            return Outcome::Failed {
+                message: format!("unknown connection `{}`", c.connection),
+                retryable: false,
+            };
+        };
+        call(op, &c.inputs, &c.key, conn, self.d.http.as_ref())
+            .await
+            .into_outcome(op.idempotent)
     }
 
     async fn send(&self, req: &HttpRequest) -> Outcome {
@@ -815,20 +854,9 @@ impl Service {
         spec: PlaybookSpec,
         by: &str,
     ) -> Result<StoredPlaybook, Error> {
-        let pb = playbook::compile(spec.clone(), 0, &Builtins).map_err(Error::Invalid)?;
-        let missing: Vec<playbook::Problem> = connections_used(&pb)
-            .into_iter()
-            .filter(|(_, c)| self.d.connections.get(c).is_none())
-            .map(|(step, c)| playbook::Problem {
-                file: None,
-                step: Some(step),
-                field: "with.connection".into(),
-                message: format!(
-                    "unknown connection `{c}` (declared: {})",
-                    self.d.connections.names().collect::<Vec<_>>().join(", ")
-                ),
-            })
-            .collect();
+        let pb =
+            playbook::compile(spec.clone(), 0, self.d.catalog.as_ref()).map_err(Error::Invalid)?;
+        let missing = self.d.catalog.check_connections(&pb, &self.d.connections);
         if !missing.is_empty() {
             return Err(Error::Invalid(Problems(missing)));
         }

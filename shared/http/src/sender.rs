@@ -229,6 +229,19 @@ impl ReqwestSender {
         if !query.is_empty() {
             url.query_pairs_mut().extend_pairs(&query);
         }
+        if let Auth::Hmac {
+            secret,
+            header,
+            timestamp_header,
+        } = &connection.auth
+        {
+            let key = self.secret(&label, secret, scrub).await?;
+            let time = self.signing_time.unwrap_or_else(SystemTime::now);
+            let (timestamp, signature) =
+                hmac_signature(&key, time, body.as_deref().unwrap_or_default());
+            set_header(&mut headers, timestamp_header, &timestamp).map_err(terminal)?;
+            set_header(&mut headers, header, &signature).map_err(terminal)?;
+        }
         if let Auth::AwsSigv4 { service, region } = &connection.auth {
             self.sign_aws(
                 service,
@@ -266,16 +279,22 @@ impl ReqwestSender {
             self.invalidate_token(key, token).await;
         }
 
-        if status.is_success() || status.is_redirection() {
+        if status.is_success() || status.is_redirection() || request.any_status {
             let cap = connection.max_response_bytes;
             let headers = response_headers(response.headers());
             let bytes = read_capped(&mut response, cap)
                 .await
                 .map_err(|e| e.into_http_error(&label, cap))?;
+            let body = if status.is_success() {
+                parse_body(&bytes)
+            } else {
+                // An error body may echo what was sent: it is scrubbed before anyone reads it.
+                parse_body(scrub.scrub(&String::from_utf8_lossy(&bytes)).as_bytes())
+            };
             return Ok(HttpResponse {
                 status: status.as_u16(),
                 headers,
-                body: parse_body(&bytes),
+                body,
             });
         }
         Err(status_error(status, &label, &mut response, scrub).await)
@@ -295,7 +314,7 @@ impl ReqwestSender {
         match &connection.auth {
             Auth::None => Ok(None),
             // Signed last, once the URL, headers and body are final (see `sign_aws`).
-            Auth::AwsSigv4 { .. } => Ok(None),
+            Auth::AwsSigv4 { .. } | Auth::Hmac { .. } => Ok(None),
             Auth::Bearer { token } => {
                 let token = self.secret(label, token, scrub).await?;
                 set_header(headers, "Authorization", &format!("Bearer {token}"))
@@ -587,6 +606,7 @@ impl HttpSender for ReqwestSender {
         result.map_err(|e| match e {
             HttpError::Retryable(m) => HttpError::Retryable(scrub.scrub(&m)),
             HttpError::Terminal(m) => HttpError::Terminal(scrub.scrub(&m)),
+            HttpError::NotSent(m) => HttpError::NotSent(scrub.scrub(&m)),
         })
     }
 }
@@ -756,10 +776,14 @@ fn transport_error(context: &str, err: reqwest::Error) -> HttpError {
     if err.is_builder() {
         return HttpError::Terminal(format!("{context}: {}", error_chain(&err)));
     }
+    if err.is_connect() && !err.is_timeout() {
+        return HttpError::NotSent(format!(
+            "{context}: could not connect: {}",
+            error_chain(&err)
+        ));
+    }
     let kind = if err.is_timeout() {
         "timed out"
-    } else if err.is_connect() {
-        "could not connect"
     } else {
         "request failed"
     };
@@ -846,6 +870,24 @@ fn response_headers(headers: &HeaderMap) -> BTreeMap<String, String> {
 }
 
 /// JSON when the body parses as JSON, else the body as a (lossy UTF-8) string.
+/// A signed webhook's `(timestamp, signature)`: the unix seconds, and `sha256=` with the hex
+/// HMAC-SHA256 of `<seconds>.<body>`.
+fn hmac_signature(key: &str, time: SystemTime, body: &[u8]) -> (String, String) {
+    use hmac::{KeyInit, Mac};
+    let seconds = time
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+        .to_string();
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(key.as_bytes())
+        .expect("HMAC accepts a key of any length");
+    mac.update(seconds.as_bytes());
+    mac.update(b".");
+    mac.update(body);
+    let signature = format!("sha256={}", hex::encode(mac.finalize().into_bytes()));
+    (seconds, signature)
+}
+
 fn parse_body(bytes: &[u8]) -> serde_json::Value {
     serde_json::from_slice(bytes)
         .unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(bytes).into_owned()))

@@ -140,6 +140,7 @@ fn redact_request_hides_sensitive_headers_only() {
         body: Some(Body::Json(serde_json::json!({"a": 1}))),
         idempotency_key: Some("k".into()),
         timeout_ms: Some(5),
+        any_status: false,
     };
     let shown = redact_request(&request);
     assert!(!format!("{shown:?}").contains("CANARY"));

@@ -20,6 +20,14 @@ fn retryable(result: Result<riposte_core::http::HttpResponse, HttpError>) -> Str
     }
 }
 
+/// Refused before anything was sent: always safe to retry.
+fn not_sent(result: Result<riposte_core::http::HttpResponse, HttpError>) -> String {
+    match result {
+        Err(HttpError::NotSent(m)) => m,
+        other => panic!("expected NotSent, got {other:?}"),
+    }
+}
+
 fn terminal(result: Result<riposte_core::http::HttpResponse, HttpError>) -> String {
     match result {
         Err(HttpError::Terminal(m)) => m,
@@ -413,7 +421,7 @@ async fn connection_refused_is_retryable() {
         listener.local_addr().unwrap().port()
     };
     let conn = connection(&format!("http://127.0.0.1:{port}"), Auth::None);
-    let e = retryable(sender(&[]).send(&conn, &request("GET", "/x")).await);
+    let e = not_sent(sender(&[]).send(&conn, &request("GET", "/x")).await);
     assert!(
         e.contains("acme (GET /x)") && e.contains("could not connect"),
         "{e}"
@@ -666,7 +674,7 @@ async fn canary_secret_never_appears_in_errors() {
             key: secret("canary"),
         },
     );
-    let e = retryable(sender.send(&closed, &request("GET", "/x")).await);
+    let e = not_sent(sender.send(&closed, &request("GET", "/x")).await);
     assert!(!e.contains(CANARY) && !e.contains("7f3a9c"), "{e}");
     let e = format!("{:?}", sender.send(&closed, &request("GET", "/x")).await);
     assert!(!e.contains(CANARY), "{e}");

@@ -15,7 +15,7 @@ use serde_json::Value;
 use riposte_api::{Authenticator, Principal, Role};
 use riposte_aws::{DynamoStore, SecretsManagerSecrets};
 use riposte_core::approval::Signer;
-use riposte_core::connector::Connections;
+use riposte_core::connector::{Connections, ConnectorCatalog};
 use riposte_core::engine::Worker;
 use riposte_core::model::AlertKind;
 use riposte_core::ports::{Clock, HttpSender, IdSource};
@@ -64,10 +64,24 @@ pub async fn from_env() -> Result<(Arc<Service>, Arc<DynamoStore>), String> {
         EgressPolicy::strict()
     };
     let http = Arc::new(ReqwestSender::new(secrets, egress));
+    let mut catalog = ConnectorCatalog::shipped();
+    if let Some(yaml) = var("RIPOSTE_CONNECTORS") {
+        // User connectors: YAML documents separated by `---`.
+        for (i, doc) in yaml.split("\n---").enumerate() {
+            if !doc.trim().is_empty() {
+                catalog
+                    .add(doc, Some(&format!("RIPOSTE_CONNECTORS[{i}]")))
+                    .map_err(|p| p.to_string())?;
+            }
+        }
+    }
+    let mut connections = connections;
+    connections.allow_any_host = egress.allow_private;
     let service = service_with(
         store.clone(),
         &key,
         connections,
+        catalog,
         var("RIPOSTE_PUBLIC_URL").unwrap_or_default(),
         http,
         clock,
@@ -84,6 +98,7 @@ pub fn service_with(
     store: Arc<DynamoStore>,
     approval_key: &str,
     connections: Connections,
+    catalog: ConnectorCatalog,
     public_url: String,
     http: Arc<dyn HttpSender>,
     clock: Arc<dyn Clock>,
@@ -98,6 +113,7 @@ pub fn service_with(
         ids: Arc::new(OsIds),
         signer: Signer::new(approval_key.as_bytes()),
         connections,
+        catalog: Arc::new(catalog),
         config: Config {
             public_url,
             rules_cache_ms: RULES_CACHE_MS,

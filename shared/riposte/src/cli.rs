@@ -6,11 +6,10 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
 
-use riposte_core::connector::{Builtins, connections_used};
 use riposte_core::playbook;
 use riposte_core::rule::Rule;
 
-use crate::runtime::{DEV_CONTRIBUTOR_KEY, load_connections, yaml_files};
+use crate::runtime::{DEV_CONTRIBUTOR_KEY, load_catalog, load_connections, yaml_files};
 use crate::timeline;
 
 pub struct Client {
@@ -297,6 +296,7 @@ pub fn validate(paths: Vec<PathBuf>, connections: Option<PathBuf>) -> Result<()>
             .unwrap_or_else(|| PathBuf::from("infra/connections.yaml"))
     });
     let conns = load_connections(&conn_path)?;
+    let catalog = load_catalog(conn_path.parent().unwrap_or(Path::new(".")))?;
     let mut problems = Vec::new();
     let mut playbook_ids = Vec::new();
     let mut rules = Vec::new();
@@ -312,12 +312,13 @@ pub fn validate(paths: Vec<PathBuf>, connections: Option<PathBuf>) -> Result<()>
             }
             continue;
         }
-        match playbook::load(&text, Some(&name), &Builtins) {
+        match playbook::load(&text, Some(&name), &catalog) {
             Ok(pb) => {
-                for (step, c) in connections_used(&pb) {
-                    if conns.get(&c).is_none() {
-                        problems.push(format!("{name}: step `{step}`: with.connection: unknown connection `{c}` (in {})", conn_path.display()));
-                    }
+                for p in catalog.check_connections(&pb, &conns) {
+                    problems.push(format!(
+                        "{name}: {p} (connections in {})",
+                        conn_path.display()
+                    ));
                 }
                 playbook_ids.push(pb.id().to_string());
                 println!(

@@ -17,7 +17,7 @@ use riposte_core::model::Millis;
 use riposte_core::ports::{Clock, HttpSender};
 use riposte_core::service::Handled;
 
-use crate::runtime::{build, load_connections, yaml_files};
+use crate::runtime::{build, load_catalog, load_connections, yaml_files};
 
 /// A clock that only moves when told to.
 pub struct ManualClock(pub AtomicI64);
@@ -53,6 +53,12 @@ fn describe_auth(auth: &Auth) -> String {
                 .unwrap_or_default(),
             key.secret
         ),
+        Auth::Hmac { secret, header, .. } => {
+            format!(
+                "HMAC-SHA256 signature in {header}, key from secret `{}`",
+                secret.secret
+            )
+        }
         Auth::AwsSigv4 { service, region } => {
             format!("AWS SigV4 for {service} in {region}, with the host's AWS credentials")
         }
@@ -128,6 +134,14 @@ fn url_encode(s: &str) -> String {
     url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
 }
 
+/// The infra folder a connections file sits in (its user connectors are beside it).
+fn infra_of(connections: &Path) -> std::path::PathBuf {
+    connections
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| ".".into())
+}
+
 pub async fn run(
     playbook_file: &Path,
     event_file: &Path,
@@ -171,6 +185,7 @@ pub async fn run(
     let local = build(
         Path::new(":memory:"),
         load_connections(connections)?,
+        load_catalog(&infra_of(connections))?,
         "https://riposte.invalid".into(),
         sender.clone(),
         clock.clone(),

@@ -17,7 +17,7 @@ use tokio::sync::{mpsc, watch};
 
 use riposte_api::{ApiKeys, AppState, Role};
 use riposte_core::approval::Signer;
-use riposte_core::connector::Connections;
+use riposte_core::connector::{Connections, ConnectorCatalog};
 use riposte_core::engine::Worker;
 use riposte_core::playbook;
 use riposte_core::ports::{Clock, HttpSender, IdSource, Secrets};
@@ -56,6 +56,28 @@ pub struct Local {
     _lock: Option<std::fs::File>,
 }
 
+/// The shipped connectors plus the user's: `INFRA/connectors/<id>/connector.yaml`.
+pub fn load_catalog(infra: &Path) -> Result<ConnectorCatalog> {
+    let mut catalog = ConnectorCatalog::shipped();
+    let dir = infra.join("connectors");
+    if let Ok(entries) = std::fs::read_dir(&dir) {
+        let mut files: Vec<PathBuf> = entries
+            .flatten()
+            .map(|e| e.path().join("connector.yaml"))
+            .filter(|p| p.is_file())
+            .collect();
+        files.sort();
+        for f in files {
+            let text =
+                std::fs::read_to_string(&f).with_context(|| format!("reading {}", f.display()))?;
+            catalog
+                .add(&text, Some(&f.display().to_string()))
+                .map_err(|p| anyhow::anyhow!("{p}"))?;
+        }
+    }
+    Ok(catalog)
+}
+
 /// Reads a connections file; a missing file means no connections.
 pub fn load_connections(path: &Path) -> Result<Connections> {
     if !path.exists() {
@@ -70,6 +92,7 @@ pub fn load_connections(path: &Path) -> Result<Connections> {
 pub fn build(
     db: &Path,
     connections: Connections,
+    catalog: ConnectorCatalog,
     public_url: String,
     http: Arc<dyn HttpSender>,
     clock: Arc<dyn Clock>,
@@ -110,6 +133,7 @@ pub fn build(
         ids: Arc::new(OsIds),
         signer: Signer::new(&key),
         connections,
+        catalog: Arc::new(catalog),
         config: Config {
             public_url,
             rules_cache_ms: 0,
@@ -371,9 +395,11 @@ pub async fn serve(cfg: LocalConfig) -> Result<()> {
             "demo mode: every connection goes to the sandbox at http://{addr}/sandbox (GET it to read the outbox)"
         );
     }
+    connections.allow_any_host = cfg.allow_private_egress;
     let local = build(
         &cfg.db,
         connections,
+        load_catalog(&cfg.infra)?,
         public_url.clone(),
         sender(&cfg),
         Arc::new(SystemClock),

@@ -14,7 +14,7 @@ use riposte_core::service::{Config, Deps, Service};
 use riposte_http::{EgressPolicy, EnvSecrets, ReqwestSender};
 use riposte_system::{OsIds, SystemClock, random_bytes};
 
-use crate::runtime::{load_connections, load_infra};
+use crate::runtime::{load_catalog, load_connections, load_infra};
 
 /// The service over a deployed store, for administration only (it starts no run).
 pub fn admin_service(store: Arc<DynamoStore>, connections: &Path) -> Result<Service> {
@@ -29,6 +29,9 @@ pub fn admin_service(store: Arc<DynamoStore>, connections: &Path) -> Result<Serv
         // No approval is issued here: a throwaway key.
         signer: Signer::new(&random_bytes::<32>()),
         connections: load_connections(connections)?,
+        catalog: Arc::new(load_catalog(
+            connections.parent().unwrap_or(Path::new(".")),
+        )?),
         config: Config {
             public_url: String::new(),
             rules_cache_ms: 0,

@@ -54,12 +54,57 @@ pub struct IssuedLinks {
 pub enum Work {
     /// Send this request; report its response (or error) as the outcome.
     Http(HttpRequest),
+    /// Run this declared connector operation; report its outputs (or error) as the outcome.
+    Call(Call),
     /// Send these notifications carrying the approval links; then report [`Outcome::Waiting`].
-    Notify(Vec<HttpRequest>),
+    Notify(Vec<NotifyWork>),
     /// Start this child run (it is in [`Effects::new_runs`] of the claim); report `Waiting`.
     StartChild,
     /// Nothing outside (set, noop, wait): settled by the engine itself, never returned.
     Local(Value),
+}
+
+/// One declared operation to run, its inputs rendered.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Call {
+    /// `<connector>.<operation>`.
+    pub operation: String,
+    pub connection: String,
+    pub inputs: Value,
+    /// Derived from (run, step, iteration): the same on every attempt.
+    pub key: String,
+}
+
+/// One approval notification.
+#[derive(Clone, Debug, PartialEq)]
+pub enum NotifyWork {
+    Http(HttpRequest),
+    Call(Call),
+}
+
+/// Renders a declared operation's inputs; the connection is written literally (or is the
+/// connector's id), never chosen by an expression.
+fn declared_call(
+    operation: &str,
+    inputs: &crate::expr::Template,
+    scope: &Scope,
+    key: String,
+) -> Result<Call, EvalError> {
+    let connection =
+        crate::connector::connection_of(operation, inputs).ok_or_else(|| EvalError {
+            expr: operation.to_string(),
+            message: "no connection".into(),
+        })?;
+    let mut rendered = inputs.render(scope)?;
+    if let Value::Object(m) = &mut rendered {
+        m.remove("connection");
+    }
+    Ok(Call {
+        operation: operation.to_string(),
+        connection,
+        inputs: rendered,
+        key,
+    })
 }
 
 /// What a message means for the run. Short-lived, so its size difference does not matter.
@@ -86,7 +131,12 @@ pub enum Outcome {
     },
     /// The step now waits: for an approval, a timer or a child run.
     Waiting,
+    /// A call that must not repeat may or may not have happened: a human decides.
+    Unknown(String),
 }
+
+/// The choices offered when a non-idempotent call's outcome is unknown.
+pub const UNKNOWN_OUTCOME_CHOICES: [&str; 3] = ["retry", "done", "fail"];
 
 /// Why an approval answer is refused.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -392,6 +442,19 @@ impl<'a> Engine<'a> {
                             msg.attempt
                         )),
                     );
+                    if let StepKind::Action {
+                        operation,
+                        idempotent: false,
+                        ..
+                    } = &step.kind
+                    {
+                        let why = format!(
+                            "the worker was lost during `{operation}`, which must not be repeated \
+                             blindly: check whether it took effect"
+                        );
+                        self.settle(run, si, msg, Outcome::Unknown(why), now, fx);
+                        return Claim::Settled;
+                    }
                 }
             },
             other => return Claim::Stale(format!("step is {}", other.as_str())),
@@ -409,21 +472,25 @@ impl<'a> Engine<'a> {
         let lease =
             now + step.timeout_ms.unwrap_or(DEFAULT_ACTION_TIMEOUT_MS) as Millis + LEASE_GRACE_MS;
         let rendered: Result<(Work, Option<Value>), EvalError> = match &step.kind {
-            StepKind::Action { operation, inputs } if operation == HTTP_REQUEST => {
-                render_http(inputs, &scope, key).map(|mut r| {
-                    if r.timeout_ms.is_none() {
-                        r.timeout_ms = step.timeout_ms;
-                    }
-                    let shown = serde_json::to_value(crate::http::redacted(&r)).ok();
-                    (Work::Http(r), shown)
-                })
-            }
-            StepKind::Action { operation, inputs } if operation == NOOP => inputs
+            StepKind::Action {
+                operation, inputs, ..
+            } if operation == HTTP_REQUEST => render_http(inputs, &scope, key).map(|mut r| {
+                if r.timeout_ms.is_none() {
+                    r.timeout_ms = step.timeout_ms;
+                }
+                let shown = serde_json::to_value(crate::http::redacted(&r)).ok();
+                (Work::Http(r), shown)
+            }),
+            StepKind::Action {
+                operation, inputs, ..
+            } if operation == NOOP => inputs
                 .render(&scope)
                 .map(|v| (Work::Local(v.clone()), Some(v))),
-            StepKind::Action { operation, .. } => Err(EvalError {
-                expr: operation.clone(),
-                message: "no executor for this operation".into(),
+            StepKind::Action {
+                operation, inputs, ..
+            } => declared_call(operation, inputs, &scope, msg.idempotency_key()).map(|c| {
+                let shown = Some(c.inputs.clone());
+                (Work::Call(c), shown)
             }),
             StepKind::Set { values } => values
                 .render(&scope)
@@ -437,9 +504,20 @@ impl<'a> Engine<'a> {
                 Some(l) => (|| {
                     let message = text_of(&a.message.render(&scope)?);
                     let mut notify = Vec::new();
-                    for (op, t) in &a.notify {
-                        if op == HTTP_REQUEST {
-                            notify.push(render_http(t, &scope, key.clone())?);
+                    for (i, n) in a.notify.iter().enumerate() {
+                        if n.operation == HTTP_REQUEST {
+                            notify.push(NotifyWork::Http(render_http(
+                                &n.inputs,
+                                &scope,
+                                key.clone(),
+                            )?));
+                        } else if n.operation != NOOP {
+                            notify.push(NotifyWork::Call(declared_call(
+                                &n.operation,
+                                &n.inputs,
+                                &scope,
+                                format!("{}/notify/{i}", msg.idempotency_key()),
+                            )?));
                         }
                     }
                     let it = &mut run.steps[si].iterations[index as usize];
@@ -690,6 +768,43 @@ impl<'a> Engine<'a> {
             attempt,
             kind: MessageKind::Execute,
         };
+        if let StepKind::Action { operation, .. } = &self.playbook.steps[si].kind {
+            // A human settles a call whose outcome was unknown.
+            match choice {
+                "retry" => {
+                    let it = &mut run.steps[si].iterations[iteration as usize];
+                    set_status(&mut it.status, StepStatus::Queued);
+                    it.attempt = attempt + 1;
+                    fx.send(
+                        StepMessage {
+                            attempt: attempt + 1,
+                            ..msg
+                        },
+                        0,
+                    );
+                }
+                "done" => self.settle(
+                    run,
+                    si,
+                    &msg,
+                    Outcome::Done(json!({"confirmed_by": by, "confirmed_at": now})),
+                    now,
+                    fx,
+                ),
+                _ => self.settle(
+                    run,
+                    si,
+                    &msg,
+                    Outcome::Failed {
+                        message: format!("`{operation}` marked failed by {by}"),
+                        retryable: false,
+                    },
+                    now,
+                    fx,
+                ),
+            }
+            return Ok(());
+        }
         self.settle(run, si, &msg, Outcome::Done(decision_output(&d)), now, fx);
         Ok(())
     }
@@ -773,6 +888,34 @@ impl<'a> Engine<'a> {
                     _ => None,
                 };
                 run.log(now, Some(step_id), Some(msg.iteration), "waiting", detail);
+            }
+            Outcome::Unknown(message) => {
+                let it = &mut run.steps[si].iterations[idx];
+                set_status(&mut it.status, StepStatus::Waiting);
+                it.lease_until = None;
+                it.claimed_by = None;
+                it.wake_at = None;
+                it.error = Some(message.clone());
+                it.approval = Some(ApprovalState {
+                    nonce_hash: String::new(),
+                    message: format!(
+                        "{message}. Answer `retry` to call again, `done` if it took effect, \
+                         `fail` to fail the step."
+                    ),
+                    choices: UNKNOWN_OUTCOME_CHOICES.map(String::from).to_vec(),
+                    default: None,
+                    approvers: vec![],
+                    // Open until a human answers or the run is cancelled.
+                    expires_at: Millis::MAX,
+                    decision: None,
+                });
+                run.log(
+                    now,
+                    Some(step_id),
+                    Some(msg.iteration),
+                    "outcome_unknown",
+                    Some(message),
+                );
             }
             Outcome::Failed { message, retryable } => {
                 let attempt = run.steps[si].iterations[idx].attempt;

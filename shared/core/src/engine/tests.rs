@@ -76,7 +76,10 @@ impl<'a> Drive<'a> {
                     .finish(&mut self.run, msg, out, self.now, &mut fx);
             }
             Claim::Execute(Work::Notify(rs)) => {
-                self.sent.extend(rs.iter().cloned());
+                self.sent.extend(rs.iter().filter_map(|n| match n {
+                    NotifyWork::Http(r) => Some(r.clone()),
+                    NotifyWork::Call(_) => None,
+                }));
                 self.engine
                     .finish(&mut self.run, msg, Outcome::Waiting, self.now, &mut fx);
             }

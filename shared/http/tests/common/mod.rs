@@ -248,6 +248,7 @@ pub fn request(method: &str, path: &str) -> HttpRequest {
         body: None,
         idempotency_key: None,
         timeout_ms: None,
+        any_status: false,
     }
 }
 

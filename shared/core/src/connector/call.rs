@@ -1,0 +1,278 @@
+//! Executing a declared operation: render each request from the inputs, send it through the
+//! connection, judge the answer with the declaration's `success` and `retryable`, and extract
+//! the outputs.
+//!
+//! Guarantee: every value that reaches a request comes from the step's inputs through the
+//! declaration's templates, encoded for where it goes (path segment, XML, JSON, form); the scheme,
+//! host and credentials come only from the connection.
+
+use std::collections::BTreeMap;
+
+use serde_json::{Map, Value, json};
+
+use super::declaration::{BodyTemplate, Field, Operation, RequestTemplate};
+use crate::engine::Outcome;
+use crate::expr::{Encoding, EvalError, Scope, Template, text_of};
+use crate::http::{Body, Connection, HttpError, HttpRequest, HttpResponse, is_sensitive_header};
+use crate::ports::HttpSender;
+
+/// The longest piece of a vendor's error body kept in a step's error.
+const ERROR_EXCERPT_CHARS: usize = 300;
+
+/// The inputs with defaults applied, or the first missing required input.
+pub fn complete_inputs(op: &Operation, given: &Value) -> Result<Map<String, Value>, String> {
+    let mut inputs = match given {
+        Value::Object(m) => m.clone(),
+        Value::Null => Map::new(),
+        other => return Err(format!("inputs must be a map, got {other}")),
+    };
+    inputs.remove("connection");
+    for (name, spec) in &op.inputs {
+        let missing = inputs.get(name).is_none_or(Value::is_null);
+        if missing {
+            inputs.remove(name);
+            if let Some(d) = &spec.default {
+                inputs.insert(name.clone(), d.clone());
+            } else if spec.required {
+                return Err(format!("`{}` needs input `{name}`, which is null", op.name));
+            }
+        }
+    }
+    if let Some(unknown) = inputs.keys().find(|k| !op.inputs.contains_key(*k)) {
+        return Err(format!("`{}` has no input `{unknown}`", op.name));
+    }
+    Ok(inputs)
+}
+
+fn fields(list: &[(String, Field)], scope: &Scope) -> Result<Vec<(String, String)>, EvalError> {
+    let mut out = Vec::new();
+    for (k, f) in list {
+        let v = match f {
+            Field::Text(t) => t.render(scope)?,
+            Field::Xml(t) => t.render_with(scope, Encoding::Xml)?,
+        };
+        if !v.is_null() {
+            out.push((k.clone(), text_of(&v)));
+        }
+    }
+    Ok(out)
+}
+
+/// Renders a JSON body, leaving out object members whose expression gave null: an optional
+/// input that was not given is not sent. A `null` written literally is sent.
+fn render_json(t: &Template, scope: &Scope) -> Result<Value, EvalError> {
+    Ok(match t {
+        Template::Map(entries) => {
+            let mut m = Map::new();
+            for (k, t) in entries {
+                let v = render_json(t, scope)?;
+                if !v.is_null() || t.is_literal() {
+                    m.insert(k.clone(), v);
+                }
+            }
+            Value::Object(m)
+        }
+        Template::List(items) => Value::Array(
+            items
+                .iter()
+                .map(|t| render_json(t, scope))
+                .collect::<Result<_, _>>()?,
+        ),
+        t => t.render(scope)?,
+    })
+}
+
+/// Renders one request of an operation.
+pub fn render(
+    r: &RequestTemplate,
+    scope: &Scope,
+    connection: &str,
+) -> Result<HttpRequest, EvalError> {
+    let body = match &r.body {
+        BodyTemplate::None => None,
+        BodyTemplate::Json(t) => Some(Body::Json(render_json(t, scope)?)),
+        BodyTemplate::Form(f) => Some(Body::Form(fields(f, scope)?.into_iter().collect())),
+        BodyTemplate::Xml {
+            template,
+            content_type,
+        } => Some(Body::Text {
+            content_type: content_type.clone(),
+            text: text_of(&template.render_with(scope, Encoding::Xml)?),
+        }),
+        BodyTemplate::Text {
+            template,
+            content_type,
+        } => Some(Body::Text {
+            content_type: content_type.clone(),
+            text: text_of(&template.render(scope)?),
+        }),
+    };
+    Ok(HttpRequest {
+        connection: connection.to_string(),
+        method: r.method.clone(),
+        path: text_of(&r.path.render_with(scope, Encoding::PathSegment)?),
+        query: fields(&r.query, scope)?,
+        headers: fields(&r.headers, scope)?.into_iter().collect(),
+        body,
+        idempotency_key: None,
+        timeout_ms: None,
+        any_status: true,
+    })
+}
+
+/// A response as templates and expressions see it; credentials in headers are left out.
+pub fn response_value(r: &HttpResponse) -> Value {
+    let headers: Map<String, Value> = r
+        .headers
+        .iter()
+        .filter(|(k, _)| !is_sensitive_header(k))
+        .map(|(k, v)| (k.to_ascii_lowercase(), Value::String(v.clone())))
+        .collect();
+    json!({"status": r.status, "headers": headers, "body": r.body})
+}
+
+fn excerpt(body: &Value) -> String {
+    let text = match body {
+        Value::String(s) => s.clone(),
+        Value::Null => String::new(),
+        other => other.to_string(),
+    };
+    let clean: String = text
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    let clean = clean.trim();
+    if clean.chars().count() > ERROR_EXCERPT_CHARS {
+        let cut: String = clean.chars().take(ERROR_EXCERPT_CHARS).collect();
+        format!("{cut}…")
+    } else {
+        clean.to_string()
+    }
+}
+
+/// What the call did, for the engine: done with the outputs, or failed (retryable or not), or
+/// unknown (the request may have reached the vendor but no answer came back).
+#[derive(Clone, Debug, PartialEq)]
+pub enum CallResult {
+    Done(Value),
+    Failed {
+        message: String,
+        retryable: bool,
+    },
+    /// A transport failure after the request may have been sent (timeout, reset).
+    Unknown(String),
+}
+
+impl CallResult {
+    /// As an engine outcome, given whether repeating the operation is harmless.
+    pub fn into_outcome(self, idempotent: bool) -> Outcome {
+        match self {
+            CallResult::Done(v) => Outcome::Done(v),
+            CallResult::Failed { message, retryable } => Outcome::Failed { message, retryable },
+            CallResult::Unknown(message) if idempotent => Outcome::Failed {
+                message,
+                retryable: true,
+            },
+            CallResult::Unknown(message) => Outcome::Unknown(message),
+        }
+    }
+}
+
+/// Runs one operation through `connection`. `key` is the idempotency key of this step iteration.
+pub async fn call(
+    op: &Operation,
+    inputs: &Value,
+    key: &str,
+    connection: &Connection,
+    http: &dyn HttpSender,
+) -> CallResult {
+    let inputs = match complete_inputs(op, inputs) {
+        Ok(i) => i,
+        Err(message) => {
+            return CallResult::Failed {
+                message,
+                retryable: false,
+            };
+        }
+    };
+    let inputs = Value::Object(inputs);
+    let mut responses: BTreeMap<String, Value> = BTreeMap::new();
+    let mut last = Value::Null;
+    for r in &op.requests {
+        let mut scope = Scope::new();
+        scope.set("inputs", &inputs);
+        scope.set("key", &Value::String(key.to_string()));
+        scope.set("responses", &json!(responses));
+        let request = match render(r, &scope, &connection.name) {
+            Ok(req) => req,
+            Err(e) => {
+                return CallResult::Failed {
+                    message: format!("`{}`: {e}", op.name),
+                    retryable: false,
+                };
+            }
+        };
+        let response = match http.send(connection, &request).await {
+            Ok(r) => r,
+            Err(HttpError::Terminal(m)) => {
+                return CallResult::Failed {
+                    message: m,
+                    retryable: false,
+                };
+            }
+            Err(HttpError::NotSent(m)) => {
+                return CallResult::Failed {
+                    message: m,
+                    retryable: true,
+                };
+            }
+            // A lost answer may hide a change the vendor made.
+            Err(HttpError::Retryable(m)) => return CallResult::Unknown(m),
+        };
+        let value = response_value(&response);
+        scope.set("response", &value);
+        let ok = match &r.success {
+            Some(e) => e.eval_bool(&scope).unwrap_or(false),
+            None => (200..300).contains(&response.status),
+        };
+        if !ok {
+            let retryable = match &r.retryable {
+                Some(e) => e.eval_bool(&scope).unwrap_or(false),
+                None => response.status == 429 || response.status >= 500,
+            };
+            let detail = r
+                .error
+                .as_ref()
+                .and_then(|e| e.eval(&scope).ok())
+                .filter(|v| !v.is_null())
+                .unwrap_or_else(|| response.body.clone());
+            return CallResult::Failed {
+                message: format!(
+                    "`{}`: {} {} answered HTTP {}: {}",
+                    op.name,
+                    request.method,
+                    request.path,
+                    response.status,
+                    excerpt(&detail)
+                ),
+                retryable,
+            };
+        }
+        if let Some(id) = &r.id {
+            responses.insert(id.clone(), value.clone());
+        }
+        last = value;
+    }
+    let mut scope = Scope::new();
+    scope.set("inputs", &inputs);
+    scope.set("key", &Value::String(key.to_string()));
+    scope.set("responses", &json!(responses));
+    scope.set("response", &last);
+    let mut outputs = Map::new();
+    for (name, e) in &op.outputs {
+        // The call happened: an answer missing a field gives null, not a failed step that a
+        // retry would repeat.
+        outputs.insert(name.clone(), e.eval(&scope).unwrap_or(Value::Null));
+    }
+    CallResult::Done(Value::Object(outputs))
+}

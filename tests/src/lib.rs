@@ -79,6 +79,9 @@ pub fn event(name: &str) -> Value {
         .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
 }
 
+/// The Slack signing secret of the test Riposte (`Riposte::start`).
+pub const SLACK_SIGNING_SECRET: &str = "slack-test-signing-secret";
+
 /// Connections pointed at stand-ins on 127.0.0.1: any host is allowed.
 pub fn test_connections(
     mut c: riposte_core::connector::Connections,
@@ -307,6 +310,9 @@ impl Riposte {
         let app = riposte_api::router(AppState {
             service: local.service.clone(),
             auth: Arc::new(keys),
+            slack: Some(Arc::new(riposte_core::slack::SlackVerifier::new(
+                SLACK_SIGNING_SECRET,
+            ))),
         });
         tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;

@@ -23,6 +23,7 @@ use riposte_core::playbook::{self, Problems};
 use riposte_core::rule::Rule;
 use riposte_core::run::RunStatus;
 use riposte_core::service::{Error, Service};
+use riposte_core::slack::{SlackVerifier, presses};
 
 /// The largest request body accepted on any route.
 pub const MAX_BODY_BYTES: usize = 1024 * 1024;
@@ -117,6 +118,8 @@ impl Authenticator for ApiKeys {
 pub struct AppState {
     pub service: Arc<Service>,
     pub auth: Arc<dyn Authenticator>,
+    /// Verifies Slack's interactivity callbacks; `None` when no signing secret is configured.
+    pub slack: Option<Arc<SlackVerifier>>,
 }
 
 /// An error answered as JSON: `{"error": "...", "problems": [...]}` with its status.
@@ -155,6 +158,14 @@ fn require(state: &AppState, headers: &HeaderMap, role: Role) -> Result<Principa
     Ok(p)
 }
 
+/// The Slack verifier from `RIPOSTE_SLACK_SIGNING_SECRET` (the Slack app's signing secret), if set.
+pub fn slack_from_env() -> Option<Arc<SlackVerifier>> {
+    std::env::var("RIPOSTE_SLACK_SIGNING_SECRET")
+        .ok()
+        .filter(|s| !s.trim().is_empty())
+        .map(|s| Arc::new(SlackVerifier::new(s.trim())))
+}
+
 /// The router every host serves.
 pub fn router(state: AppState) -> Router {
     Router::new()
@@ -169,6 +180,7 @@ pub fn router(state: AppState) -> Router {
             "/approvals/{token}",
             get(approval_page).post(approval_decide),
         )
+        .route("/slack/interactions", post(slack_interaction))
         .route("/playbooks", get(list_playbooks))
         .route(
             "/playbooks/{id}",
@@ -352,6 +364,47 @@ async fn approval_decide(
             &html::refused(&e.to_string()),
         ),
     }
+}
+
+/// Slack's interactivity Request URL: a Riposte button pressed in Slack. Verified by the signing
+/// secret (5-minute window, constant-time compare, replay cache), then decided with the button's
+/// signed token as `slack:<user id>`.
+async fn slack_interaction(State(s): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
+    let Some(verifier) = &s.slack else {
+        return (
+            StatusCode::NOT_FOUND,
+            Json(json!({"error": "Slack interactivity is not configured (set RIPOSTE_SLACK_SIGNING_SECRET)"})),
+        )
+            .into_response();
+    };
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    let now = s.service.deps().clock.now();
+    if let Err(e) = verifier.verify(
+        header("x-slack-request-timestamp"),
+        header("x-slack-signature"),
+        &body,
+        now,
+    ) {
+        tracing::warn!(message = "Slack callback refused.", reason = %e);
+        return (
+            StatusCode::UNAUTHORIZED,
+            Json(json!({"error": e.to_string()})),
+        )
+            .into_response();
+    }
+    let presses = match presses(&body) {
+        Ok(p) => p,
+        Err(e) => return (StatusCode::BAD_REQUEST, Json(json!({"error": e}))).into_response(),
+    };
+    let mut results = Vec::new();
+    for p in presses {
+        // Slack shows nothing of this answer; the channels' `on_decided` updates tell everyone.
+        match s.service.decide(&p.token, Some(&p.user)).await {
+            Ok(view) => results.push(json!({"decided": view.choice, "by": p.user})),
+            Err(e) => results.push(json!({"refused": e.to_string(), "status": e.status()})),
+        }
+    }
+    Json(json!({"results": results})).into_response()
 }
 
 async fn list_playbooks(

@@ -54,6 +54,12 @@ pub enum Auth {
         service: String,
         region: String,
     },
+    /// A secret placed in a member of the JSON body (PagerDuty's `routing_key`); the member is
+    /// never shown.
+    JsonBodyKey {
+        member: String,
+        key: SecretRef,
+    },
     /// A signed webhook: `header` carries `sha256=` and the hex HMAC-SHA256, keyed by the secret,
     /// of `<unix seconds>.<body>`; `timestamp_header` carries the seconds, so the receiver can
     /// refuse stale or replayed deliveries.
@@ -84,6 +90,7 @@ impl Auth {
             Auth::Oauth2ClientCredentials { .. } => "oauth2_client_credentials",
             Auth::AwsSigv4 { .. } => "aws_sigv4",
             Auth::Hmac { .. } => "hmac",
+            Auth::JsonBodyKey { .. } => "json_body_key",
         }
     }
 }

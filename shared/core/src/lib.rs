@@ -13,4 +13,5 @@ pub mod ports;
 pub mod rule;
 pub mod run;
 pub mod service;
+pub mod slack;
 pub mod store;

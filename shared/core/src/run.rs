@@ -78,7 +78,8 @@ impl StepStatus {
                     Running,
                     Succeeded | Failed | Waiting | Queued | Cancelled | Running
                 )
-                | (Waiting, Succeeded | Failed | Cancelled | Running)
+                // Waiting -> Queued: a human asks to retry a call whose outcome was unknown.
+                | (Waiting, Succeeded | Failed | Cancelled | Running | Queued)
         )
     }
 
@@ -141,6 +142,9 @@ pub struct ApprovalState {
     pub expires_at: Millis,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub decision: Option<Decision>,
+    /// What each notification returned (e.g. Slack's channel and ts), for `on_decided`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sent: Vec<Value>,
 }
 
 /// One execution of a step (one per item of a `for_each`).
@@ -303,6 +307,8 @@ pub enum MessageKind {
     Timeout,
     /// A child run finished.
     ChildFinished,
+    /// An approval was decided: update the channels it was sent through (`on_decided`).
+    Announce,
 }
 
 /// A step message: names (run, step, iteration, attempt). A message whose attempt or status no

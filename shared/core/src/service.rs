@@ -504,6 +504,20 @@ impl Service {
                 self.save(&run, ver, &fx).await?;
                 Ok(Handled::Done)
             }
+            Claim::Execute(Work::Announce(list)) => {
+                // Best effort: a chat message that still shows the buttons is not worth failing
+                // anything for; the decision is already recorded.
+                for n in &list {
+                    let (connection, outcome) = match n {
+                        NotifyWork::Http(r) => (&r.connection, self.send(r).await),
+                        NotifyWork::Call(c) => (&c.connection, self.call(c).await),
+                    };
+                    if let Outcome::Failed { message, .. } | Outcome::Unknown(message) = outcome {
+                        tracing::warn!(message = "Updating an approval's channel failed.", run_id = %msg.run_id, step = %msg.step, %connection, error = %message);
+                    }
+                }
+                Ok(Handled::Done)
+            }
             Claim::Execute(work) => {
                 // Record the claim before the side effect: a lost worker is then visible and its
                 // step is taken over only after the lease.
@@ -528,7 +542,9 @@ impl Service {
         match work {
             Work::Http(req) => self.send(req).await,
             Work::Call(c) => self.call(c).await,
+            Work::Announce(_) => Outcome::Waiting,
             Work::Notify(list) => {
+                let mut sent = Vec::new();
                 for n in list {
                     let (connection, outcome) = match n {
                         NotifyWork::Http(r) => (&r.connection, self.send(r).await),
@@ -551,10 +567,11 @@ impl Service {
                                 retryable: true,
                             };
                         }
-                        _ => {}
+                        Outcome::Done(v) => sent.push(v),
+                        Outcome::Waiting | Outcome::Asked(_) => sent.push(Value::Null),
                     }
                 }
-                Outcome::Waiting
+                Outcome::Asked(sent)
             }
             Work::Local(v) => Outcome::Done(v.clone()),
             Work::StartChild => Outcome::Failed {
@@ -577,6 +594,26 @@ impl Service {
                 retryable: false,
             };
         };
+        // The connections file may have changed since the playbook was checked: check again.
+        if !self.d.connections.allow_any_host
+            && let Some(connector) = self.d.catalog.connector(&op.connector)
+        {
+            let host = url::Url::parse(&conn.base_url)
+                .ok()
+                .and_then(|u| u.host_str().map(str::to_string))
+                .unwrap_or_default();
+            if !connector.allows_host(&host) {
+                return Outcome::Failed {
+                    message: format!(
+                        "connection `{}` points at `{host}`; connector `{}` may call only {}",
+                        conn.name,
+                        connector.id,
+                        connector.hosts.join(", ")
+                    ),
+                    retryable: false,
+                };
+            }
+        }
         call(op, &c.inputs, &c.key, conn, self.d.http.as_ref())
             .await
             .into_outcome(op.idempotent)

@@ -194,7 +194,23 @@ impl ReqwestSender {
             headers.insert(name, value);
         }
 
-        let body = match &request.body {
+        let with_key;
+        let request_body = match (&connection.auth, &request.body) {
+            (Auth::JsonBodyKey { member, key }, Some(Body::Json(serde_json::Value::Object(m)))) => {
+                let secret = self.secret(&label, key, scrub).await?;
+                let mut m = m.clone();
+                m.insert(member.clone(), serde_json::Value::String(secret));
+                with_key = Some(Body::Json(serde_json::Value::Object(m)));
+                with_key.as_ref()
+            }
+            (Auth::JsonBodyKey { member, .. }, _) => {
+                return Err(terminal(format!(
+                    "json_body_key auth puts `{member}` in a JSON object body; this request has none"
+                )));
+            }
+            (_, body) => body.as_ref(),
+        };
+        let body = match request_body {
             None => None,
             Some(Body::Json(value)) => {
                 let bytes = serde_json::to_vec(value)
@@ -314,7 +330,7 @@ impl ReqwestSender {
         match &connection.auth {
             Auth::None => Ok(None),
             // Signed last, once the URL, headers and body are final (see `sign_aws`).
-            Auth::AwsSigv4 { .. } | Auth::Hmac { .. } => Ok(None),
+            Auth::AwsSigv4 { .. } | Auth::Hmac { .. } | Auth::JsonBodyKey { .. } => Ok(None),
             Auth::Bearer { token } => {
                 let token = self.secret(label, token, scrub).await?;
                 set_header(headers, "Authorization", &format!("Bearer {token}"))

@@ -277,6 +277,7 @@ pub fn http_app(service: Arc<Service>) -> axum::Router {
     riposte_api::router(riposte_api::AppState {
         service,
         auth: Arc::new(callers),
+        slack: riposte_api::slack_from_env(),
     })
     .layer(axum::middleware::from_fn(caller_from_context))
 }

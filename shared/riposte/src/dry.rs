@@ -53,6 +53,9 @@ fn describe_auth(auth: &Auth) -> String {
                 .unwrap_or_default(),
             key.secret
         ),
+        Auth::JsonBodyKey { member, key } => {
+            format!("`{member}` in the JSON body from secret `{}`", key.secret)
+        }
         Auth::Hmac { secret, header, .. } => {
             format!(
                 "HMAC-SHA256 signature in {header}, key from secret `{}`",

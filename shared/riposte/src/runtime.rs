@@ -411,6 +411,7 @@ pub async fn serve(cfg: LocalConfig) -> Result<()> {
     let state = AppState {
         service: local.service.clone(),
         auth: Arc::new(api_keys(&cfg)?),
+        slack: riposte_api::slack_from_env(),
     };
     let mut app = riposte_api::router(state);
     if cfg.demo {

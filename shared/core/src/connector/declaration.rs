@@ -171,6 +171,7 @@ pub const AUTH_TYPES: &[&str] = &[
     "oauth2_client_credentials",
     "aws_sigv4",
     "hmac",
+    "json_body_key",
 ];
 
 const METHODS: &[&str] = &["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD"];

@@ -62,6 +62,8 @@ pub enum Work {
     StartChild,
     /// Nothing outside (set, noop, wait): settled by the engine itself, never returned.
     Local(Value),
+    /// Tell the approval's channels how it was decided; best effort, nothing to record.
+    Announce(Vec<NotifyWork>),
 }
 
 /// One declared operation to run, its inputs rendered.
@@ -80,6 +82,125 @@ pub struct Call {
 pub enum NotifyWork {
     Http(HttpRequest),
     Call(Call),
+}
+
+impl Engine<'_> {
+    /// Queues the announcement of a decision when any channel has `on_decided`.
+    fn announce(&self, si: usize, msg: &StepMessage, fx: &mut Effects) {
+        if let StepKind::Approval(a) = &self.playbook.steps[si].kind
+            && a.notify.iter().any(|n| n.on_decided.is_some())
+        {
+            fx.send(
+                StepMessage {
+                    kind: MessageKind::Announce,
+                    ..msg.clone()
+                },
+                0,
+            );
+        }
+    }
+
+    /// The `on_decided` updates of a decided approval, rendered.
+    fn announcement(&self, run: &Run, msg: &StepMessage) -> Claim {
+        let Some((si, step)) = self.playbook.step(&msg.step) else {
+            return Claim::Stale(format!("no step `{}`", msg.step));
+        };
+        let StepKind::Approval(a) = &step.kind else {
+            return Claim::Stale("not an approval".into());
+        };
+        let Some(it) = run
+            .steps
+            .get(si)
+            .and_then(|s| s.iterations.get(msg.iteration as usize))
+        else {
+            return Claim::Stale("no such iteration".into());
+        };
+        let Some((ap, d)) = it
+            .approval
+            .as_ref()
+            .and_then(|ap| ap.decision.as_ref().map(|d| (ap, d)))
+        else {
+            return Claim::Stale("the approval is not decided".into());
+        };
+        let mut scope = self.scope(run, Some((it, msg.iteration)), &step.reads);
+        scope.set(
+            "decision",
+            &json!({
+                "choice": d.choice,
+                "by": d.by,
+                "at": d.at,
+                "at_text": rfc3339(d.at),
+                "expired": d.expired,
+            }),
+        );
+        let mut work = Vec::new();
+        for (i, n) in a.notify.iter().enumerate() {
+            let Some((op, t)) = &n.on_decided else {
+                continue;
+            };
+            scope.set("sent", ap.sent.get(i).unwrap_or(&Value::Null));
+            let key = format!("{}/decided/{i}", msg.idempotency_key());
+            let rendered = if op == HTTP_REQUEST {
+                render_http(t, &scope, Some(key)).map(NotifyWork::Http)
+            } else {
+                declared_call(op, t, &scope, key).map(NotifyWork::Call)
+            };
+            match rendered {
+                Ok(w) => work.push(w),
+                Err(e) => {
+                    tracing::warn!(message = "An approval update could not be rendered.", run_id = %run.id, step = %msg.step, error = %e)
+                }
+            }
+        }
+        Claim::Execute(Work::Announce(work))
+    }
+}
+
+/// What notifications see as `approval`: `links` (choice to URL) and `buttons`, one per choice
+/// in order: `{choice, label, url, value}` where `value` is the link's signed token (what a chat
+/// callback sends back).
+fn approval_scope(l: &IssuedLinks) -> Value {
+    let buttons: Vec<Value> = l
+        .links
+        .iter()
+        .map(|(choice, url)| {
+            let url = url.as_str().unwrap_or_default();
+            let mut label: Vec<char> = choice.replace(['_', '-'], " ").chars().collect();
+            if let Some(c) = label.first_mut() {
+                *c = c.to_ascii_uppercase();
+            }
+            json!({
+                "choice": choice,
+                "label": label.into_iter().collect::<String>(),
+                "url": url,
+                "value": url.rsplit('/').next().unwrap_or_default(),
+            })
+        })
+        .collect();
+    json!({"links": l.links, "buttons": buttons})
+}
+
+/// Milliseconds since the epoch as RFC 3339 UTC, e.g. `2026-01-01T00:00:00Z`.
+pub fn rfc3339(ms: Millis) -> String {
+    let secs = ms.div_euclid(1000);
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
 }
 
 /// Renders a declared operation's inputs; the connection is written literally (or is the
@@ -133,6 +254,8 @@ pub enum Outcome {
     Waiting,
     /// A call that must not repeat may or may not have happened: a human decides.
     Unknown(String),
+    /// The approval was sent; each notification's output, in order. The step now waits.
+    Asked(Vec<Value>),
 }
 
 /// The choices offered when a non-idempotent call's outcome is unknown.
@@ -339,6 +462,10 @@ impl<'a> Engine<'a> {
         links: Option<&IssuedLinks>,
         fx: &mut Effects,
     ) -> Claim {
+        if msg.kind == MessageKind::Announce {
+            // Announced even when the run has moved on or finished since the decision.
+            return self.announcement(run, msg);
+        }
         if run.status.is_terminal() {
             return Claim::Stale(format!("run is {}", run.status.as_str()));
         }
@@ -394,6 +521,7 @@ impl<'a> Engine<'a> {
                                     "approval_expired",
                                     Some(format!("no answer; default `{choice}` taken")),
                                 );
+                                self.announce(si, msg, fx);
                                 Outcome::Done(decision_output(&d))
                             }
                             None => Outcome::Failed {
@@ -414,6 +542,7 @@ impl<'a> Engine<'a> {
                 self.settle(run, si, msg, outcome, now, fx);
                 return Claim::Settled;
             }
+            MessageKind::Announce => return Claim::Stale("announced above".into()),
             MessageKind::ChildFinished => {
                 return Claim::Stale(
                     "child results are reported with Engine::child_finished".into(),
@@ -464,7 +593,7 @@ impl<'a> Engine<'a> {
             let it = &run.steps[si].iterations[index as usize];
             let mut s = self.scope(run, Some((it, index)), &step.reads);
             if let Some(l) = links {
-                s.set("approval", &json!({"links": l.links}));
+                s.set("approval", &approval_scope(l));
             }
             s
         };
@@ -529,6 +658,7 @@ impl<'a> Engine<'a> {
                         approvers: a.approvers.clone(),
                         expires_at: now + a.expires_in_ms as Millis,
                         decision: None,
+                        sent: vec![],
                     });
                     Ok((
                         Work::Notify(notify),
@@ -806,6 +936,7 @@ impl<'a> Engine<'a> {
             return Ok(());
         }
         self.settle(run, si, &msg, Outcome::Done(decision_output(&d)), now, fx);
+        self.announce(si, &msg, fx);
         Ok(())
     }
 
@@ -889,6 +1020,12 @@ impl<'a> Engine<'a> {
                 };
                 run.log(now, Some(step_id), Some(msg.iteration), "waiting", detail);
             }
+            Outcome::Asked(sent) => {
+                if let Some(a) = run.steps[si].iterations[idx].approval.as_mut() {
+                    a.sent = sent;
+                }
+                self.settle(run, si, msg, Outcome::Waiting, now, fx);
+            }
             Outcome::Unknown(message) => {
                 let it = &mut run.steps[si].iterations[idx];
                 set_status(&mut it.status, StepStatus::Waiting);
@@ -908,6 +1045,7 @@ impl<'a> Engine<'a> {
                     // Open until a human answers or the run is cancelled.
                     expires_at: Millis::MAX,
                     decision: None,
+                    sent: vec![],
                 });
                 run.log(
                     now,

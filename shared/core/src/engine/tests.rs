@@ -634,3 +634,182 @@ fn alert_text_never_changes_the_shape_of_a_request() {
     assert_eq!(d.sent[2].path, "/block/..%2F..%2Fadmin");
     assert_eq!(d.sent[3].path, "/users/a%2Fb%3Fc/disable");
 }
+
+const ONE_WAY: &str = r#"
+connector: bank
+name: A vendor whose transfers must never repeat
+hosts: ["*"]
+auth: [none]
+operations:
+  transfer:
+    idempotent: false
+    inputs: { amount: { required: true } }
+    request: { method: POST, path: /transfers, json: { amount: "${{ inputs.amount }}" } }
+  lookup:
+    idempotent: true
+    inputs: { id: { required: true } }
+    request: { method: GET, path: "/transfers/${{ inputs.id }}" }
+"#;
+
+fn declared(src: &str) -> Playbook {
+    let mut catalog = crate::connector::ConnectorCatalog::default();
+    catalog.add(ONE_WAY, Some("bank.yaml")).unwrap();
+    load(src, None, &catalog).unwrap_or_else(|p| panic!("{p}"))
+}
+
+fn answer(d: &mut Drive<'_>, step: &str, choice: &str) -> Effects {
+    let mut fx = Effects::default();
+    d.engine
+        .decide(
+            &mut d.run,
+            &Answer {
+                step,
+                iteration: 0,
+                choice,
+                by: "oncall@example.com",
+            },
+            d.now,
+            &mut fx,
+        )
+        .unwrap();
+    fx
+}
+
+#[test]
+fn a_lost_worker_during_a_non_idempotent_call_asks_a_human_instead_of_calling_again() {
+    let p = declared(
+        "id: pay\nname: Pay\nsteps:\n  - id: pay\n    action: bank.transfer\n    with: { amount: 10 }\n",
+    );
+    let mut d = Drive::start(&p, json!({}));
+    let (msg, _) = d.queue.pop_front().unwrap();
+    let mut fx = Effects::default();
+    let Claim::Execute(Work::Call(call)) = d.engine.claim(&mut d.run, &msg, d.now, None, &mut fx)
+    else {
+        panic!("expected a call");
+    };
+    assert_eq!(call.operation, "bank.transfer");
+    assert_eq!(call.connection, "bank");
+    assert_eq!(call.inputs, json!({"amount": 10}));
+    // The worker dies mid-call. After its lease the message comes back: no second call.
+    let later = d.now + 10 * 60_000;
+    let claim = d.engine.claim(&mut d.run, &msg, later, None, &mut fx);
+    assert_eq!(claim, Claim::Settled);
+    assert_eq!(d.status("pay"), StepStatus::Waiting);
+    assert_eq!(d.run.status, RunStatus::Waiting);
+    let it = &d.run.step("pay").unwrap().iterations[0];
+    let ap = it.approval.as_ref().unwrap();
+    assert_eq!(ap.choices, ["retry", "done", "fail"]);
+    assert!(ap.message.contains("bank.transfer"), "{}", ap.message);
+    assert!(d.run.history.iter().any(|h| h.event == "outcome_unknown"));
+    // The same message again changes nothing.
+    assert!(matches!(
+        d.engine.claim(&mut d.run, &msg, later + 1, None, &mut fx),
+        Claim::Stale(_)
+    ));
+
+    // A human checked the bank: it went through.
+    d.now = later;
+    let fx = answer(&mut d, "pay", "done");
+    assert!(fx.messages.is_empty());
+    assert_eq!(d.status("pay"), StepStatus::Succeeded);
+    assert_eq!(d.run.status, RunStatus::Succeeded);
+    assert_eq!(
+        d.run.step("pay").unwrap().iterations[0]
+            .output
+            .as_ref()
+            .unwrap()["confirmed_by"],
+        "oncall@example.com"
+    );
+}
+
+#[test]
+fn a_human_may_retry_an_unknown_call_or_fail_it() {
+    let p = declared(
+        "id: pay\nname: Pay\nsteps:\n  - id: pay\n    action: bank.transfer\n    with: { amount: 10 }\n",
+    );
+    for (choice, status) in [("retry", RunStatus::Succeeded), ("fail", RunStatus::Failed)] {
+        let mut d = Drive::start(&p, json!({}));
+        let (msg, _) = d.queue.pop_front().unwrap();
+        let mut fx = Effects::default();
+        assert!(matches!(
+            d.engine.claim(&mut d.run, &msg, d.now, None, &mut fx),
+            Claim::Execute(Work::Call(_))
+        ));
+        // The call timed out: the vendor may have acted.
+        assert!(d.engine.finish(
+            &mut d.run,
+            &msg,
+            Outcome::Unknown("timed out".into()),
+            d.now,
+            &mut fx
+        ));
+        assert_eq!(d.status("pay"), StepStatus::Waiting, "{choice}");
+        let fx = answer(&mut d, "pay", choice);
+        d.push(fx);
+        let mut calls = 0;
+        for _ in 0..4 {
+            let Some((m, _)) = d.queue.pop_front() else {
+                break;
+            };
+            let mut fx = Effects::default();
+            if let Claim::Execute(Work::Call(_)) =
+                d.engine.claim(&mut d.run, &m, d.now, None, &mut fx)
+            {
+                calls += 1;
+                d.engine
+                    .finish(&mut d.run, &m, Outcome::Done(json!({})), d.now, &mut fx);
+            }
+            d.push(fx);
+        }
+        assert_eq!(calls, usize::from(choice == "retry"), "{choice}");
+        assert_eq!(d.run.status, status, "{choice}: {:#?}", d.run.history);
+    }
+}
+
+#[test]
+fn a_lost_worker_during_an_idempotent_call_is_simply_taken_over() {
+    let p = declared(
+        "id: look\nname: Look\nsteps:\n  - id: look\n    action: bank.lookup\n    with: { id: t-1 }\n",
+    );
+    let mut d = Drive::start(&p, json!({}));
+    let (msg, _) = d.queue.pop_front().unwrap();
+    let mut fx = Effects::default();
+    assert!(matches!(
+        d.engine.claim(&mut d.run, &msg, d.now, None, &mut fx),
+        Claim::Execute(Work::Call(_))
+    ));
+    assert!(matches!(
+        d.engine
+            .claim(&mut d.run, &msg, d.now + 10 * 60_000, None, &mut fx),
+        Claim::Execute(Work::Call(_))
+    ));
+}
+
+#[test]
+fn a_misspelt_or_missing_connector_input_is_an_error_at_load() {
+    let mut catalog = crate::connector::ConnectorCatalog::default();
+    catalog.add(ONE_WAY, Some("bank.yaml")).unwrap();
+    let err = load(
+        "id: pay\nname: Pay\nsteps:\n  - id: pay\n    action: bank.transfer\n    with: { amout: 10 }\n",
+        Some("pay.yaml"),
+        &catalog,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("`bank.transfer` needs input `amount`"),
+        "{err}"
+    );
+    assert!(err.contains("has no input `amout`"), "{err}");
+    let err = load(
+        "id: pay\nname: Pay\nsteps:\n  - id: pay\n    action: bank.wire\n",
+        Some("pay.yaml"),
+        &catalog,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("unknown operation `bank.wire` (known: bank.lookup, bank.transfer)"),
+        "{err}"
+    );
+}

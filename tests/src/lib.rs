@@ -271,6 +271,11 @@ impl Riposte {
         Self::start_with(connections_yaml, secrets, true).await
     }
 
+    /// Starts with no playbooks or rules, and the given secrets.
+    pub async fn start_with_secrets(connections_yaml: &str, secrets: &[(&str, &str)]) -> Riposte {
+        Self::start_with(connections_yaml, secrets, false).await
+    }
+
     /// Starts with no playbooks or rules.
     pub async fn start_empty(connections_yaml: &str) -> Riposte {
         Self::start_with(connections_yaml, &[], false).await

@@ -345,3 +345,23 @@ pub fn validate(paths: Vec<PathBuf>, connections: Option<PathBuf>) -> Result<()>
     }
     bail!("{} problem(s) found", problems.len())
 }
+
+/// `riposte connectors`: the connector reference, printed or written into a README.
+pub fn connectors(infra: &Path, write: Option<&Path>) -> Result<()> {
+    let catalog = load_catalog(infra)?;
+    let reference = riposte_core::connector::reference(&catalog);
+    match write {
+        None => print!("{reference}"),
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            let updated =
+                riposte_core::connector::with_reference(&text, &reference).with_context(|| {
+                    format!("{} has no connector reference markers", path.display())
+                })?;
+            std::fs::write(path, updated).with_context(|| format!("writing {}", path.display()))?;
+            println!("wrote the connector reference into {}", path.display());
+        }
+    }
+    Ok(())
+}

@@ -65,6 +65,14 @@ enum Command {
         #[arg(long)]
         connections: Option<PathBuf>,
     },
+    /// Print the connector reference (shipped and INFRA/connectors), or write it into a README.
+    Connectors {
+        #[arg(long, default_value = "infra")]
+        infra: PathBuf,
+        /// Replace the reference section of this Markdown file instead of printing.
+        #[arg(long)]
+        write: Option<PathBuf>,
+    },
     /// Send an EventBridge event file (Security Hub, GuardDuty, Config) to the running server.
     Send {
         file: PathBuf,
@@ -191,6 +199,7 @@ fn main() -> Result<()> {
                 .await
             }
             Command::Validate { paths, connections } => cli::validate(paths, connections),
+            Command::Connectors { infra, write } => cli::connectors(&infra, write.as_deref()),
             Command::Send { file, server } => {
                 cli::Client::new(&server.server, server.api_key)?
                     .send(&file)

@@ -494,7 +494,27 @@ fn every_connector_has_tests(dir: &Path, id: &str) -> Trial {
     })
 }
 
+/// The README's connector reference is the catalog's, so it cannot drift.
+fn readme_reference_is_current() -> Trial {
+    Trial::test("readme::connector reference is the catalog's", || {
+        let readme =
+            std::fs::read_to_string(repo().join("README.md")).map_err(|e| e.to_string())?;
+        let reference = riposte_core::connector::reference(&ConnectorCatalog::shipped());
+        let want = riposte_core::connector::with_reference(&readme, &reference)
+            .ok_or("README.md has no connector reference markers")?;
+        if want == readme {
+            Ok(())
+        } else {
+            Err("README.md's connector reference is out of date: run \
+                 `cargo run -p riposte -- connectors --write README.md`"
+                .into())
+        }
+    })
+}
+
 fn main() {
     let args = Arguments::from_args();
-    libtest_mimic::run(&args, trials()).exit();
+    let mut trials = trials();
+    trials.push(readme_reference_is_current());
+    libtest_mimic::run(&args, trials).exit();
 }

@@ -102,9 +102,20 @@ fn code_uses(binary: &str) -> &'static [&'static str] {
             // SecretsManagerSecrets::get: connection secrets, resolved at call time, under
             // RIPOSTE_SECRET_PREFIX.
             "secretsmanager:GetSecretValue",
-            // The shipped playbook's suppress_finding step: an `aws_sigv4` HTTP action signed with
-            // this role (riposte_http's SigV4 auth) to Security Hub BatchUpdateFindings.
+            // Connector operations signed with this role (riposte_http's SigV4 auth):
+            // aws_securityhub.update_finding (the example's suppress_finding step),
             "securityhub:BatchUpdateFindings",
+            // email.send (the example's approval email, SES v2 SendEmail),
+            "ses:SendEmail",
+            // aws_waf.block_ip / unblock_ip (GetIPSet then UpdateIPSet), when WafIpSetArn is set,
+            "wafv2:GetIPSet",
+            "wafv2:UpdateIPSet",
+            // aws_ec2.isolate_instance, when Ec2Isolation is true,
+            "ec2:ModifyInstanceAttribute",
+            // aws_iam.deactivate_access_key, deny_all_user and deny_all_role, when IamContainment.
+            "iam:UpdateAccessKey",
+            "iam:AttachUserPolicy",
+            "iam:AttachRolePolicy",
         ],
         // functions/timer: DynamoStore::fire_due_timers and DynamoStore::flush_stale_outboxes
         "timer" => &[
@@ -478,6 +489,26 @@ fn each_function_holds_only_the_permissions_it_uses() {
                             *binary == "step-worker"
                                 && r == "arn:${AWS::Partition}:securityhub:${AWS::Region}:${AWS::AccountId}:hub/default"
                         }
+                        "ses" => {
+                            *binary == "step-worker"
+                                && r == "arn:${AWS::Partition}:ses:${AWS::Region}:${AWS::AccountId}:identity/${EmailIdentity}"
+                        }
+                        "wafv2" => *binary == "step-worker" && r == "${WafIpSetArn}",
+                        "ec2" => {
+                            *binary == "step-worker"
+                                && (r
+                                    == "arn:${AWS::Partition}:ec2:${AWS::Region}:${AWS::AccountId}:instance/*"
+                                    || r == "arn:${AWS::Partition}:ec2:${AWS::Region}:${AWS::AccountId}:security-group/*")
+                        }
+                        "iam" => {
+                            let deny_all_only = action == "iam:UpdateAccessKey"
+                                || text(&st["Condition"]["ArnEquals"]["iam:PolicyARN"])
+                                    == "arn:${AWS::Partition}:iam::aws:policy/AWSDenyAll";
+                            *binary == "step-worker"
+                                && deny_all_only
+                                && (r == "arn:${AWS::Partition}:iam::${AWS::AccountId}:user/*"
+                                    || r == "arn:${AWS::Partition}:iam::${AWS::AccountId}:role/*")
+                        }
                         "logs" => *r == format!("${{{log_group}.Arn}}"),
                         "xray" => r == "*", // X-Ray has no resource-level permissions
                         _ => false,
@@ -670,19 +701,24 @@ fn approval_routes_are_public_and_the_rest_is_iam() {
             };
         }
     }
-    let approvals: BTreeSet<_> = ["GET", "POST"]
-        .into_iter()
-        .map(|m| {
-            (
-                "approval-response".to_string(),
-                m.to_string(),
-                "/approvals/{token}".to_string(),
-            )
-        })
-        .collect();
+    let approvals: BTreeSet<_> = [
+        ("GET", "/approvals/{token}"),
+        ("POST", "/approvals/{token}"),
+        ("POST", "/slack/interactions"),
+    ]
+    .into_iter()
+    .map(|(m, p)| {
+        (
+            "approval-response".to_string(),
+            m.to_string(),
+            p.to_string(),
+        )
+    })
+    .collect();
     assert_eq!(
         public, approvals,
-        "only the approval links are public (the signed token authorizes them)"
+        "only the approval links (authorized by their signed token) and Slack's callbacks \
+         (by the signing secret) are public"
     );
     assert!(
         iam.iter().all(|(binary, _, _)| binary == "manual-run"),
@@ -787,10 +823,14 @@ fn the_failed_run_alarm_watches_the_line_the_worker_logs() {
 #[test]
 fn every_function_is_built_from_its_crate_and_configured() {
     let t = Template::load();
-    let read_by_code: Vec<String> = ["shared/lambda/src/lib.rs", "shared/aws/src/lib.rs"]
-        .iter()
-        .map(|p| std::fs::read_to_string(root().join(p)).unwrap())
-        .collect();
+    let read_by_code: Vec<String> = [
+        "shared/lambda/src/lib.rs",
+        "shared/aws/src/lib.rs",
+        "shared/api/src/lib.rs",
+    ]
+    .iter()
+    .map(|p| std::fs::read_to_string(root().join(p)).unwrap())
+    .collect();
     for (binary, (id, f)) in t.functions() {
         assert!(
             root()

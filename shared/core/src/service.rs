@@ -14,7 +14,7 @@ use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
 use crate::approval::{Claims, Signer, TokenError, nonce_hash, same_hash};
-use crate::connector::{Connections, ConnectorCatalog, call::call};
+use crate::connector::{Connections, ConnectorCatalog, call::call_with_timeout};
 use crate::engine::{
     Answer, Call, Claim, DecideError, Effects, Engine, IssuedLinks, NotifyWork, Outcome, Work,
 };
@@ -614,9 +614,16 @@ impl Service {
                 };
             }
         }
-        call(op, &c.inputs, &c.key, conn, self.d.http.as_ref())
-            .await
-            .into_outcome(op.idempotent)
+        call_with_timeout(
+            op,
+            &c.inputs,
+            &c.key,
+            conn,
+            self.d.http.as_ref(),
+            c.timeout_ms,
+        )
+        .await
+        .into_outcome(op.idempotent)
     }
 
     async fn send(&self, req: &HttpRequest) -> Outcome {

@@ -186,6 +186,18 @@ pub async fn call(
     connection: &Connection,
     http: &dyn HttpSender,
 ) -> CallResult {
+    call_with_timeout(op, inputs, key, connection, http, None).await
+}
+
+/// [`call`] with each request's timeout capped at `timeout_ms` (a step's `timeout`).
+pub async fn call_with_timeout(
+    op: &Operation,
+    inputs: &Value,
+    key: &str,
+    connection: &Connection,
+    http: &dyn HttpSender,
+    timeout_ms: Option<u64>,
+) -> CallResult {
     let inputs = match complete_inputs(op, inputs) {
         Ok(i) => i,
         Err(message) => {
@@ -204,7 +216,10 @@ pub async fn call(
         scope.set("key", &Value::String(key.to_string()));
         scope.set("responses", &json!(responses));
         let request = match render(r, &scope, &connection.name) {
-            Ok(req) => req,
+            Ok(mut req) => {
+                req.timeout_ms = timeout_ms;
+                req
+            }
             Err(e) => {
                 return CallResult::Failed {
                     message: format!("`{}`: {e}", op.name),

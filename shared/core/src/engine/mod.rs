@@ -75,6 +75,8 @@ pub struct Call {
     pub inputs: Value,
     /// Derived from (run, step, iteration): the same on every attempt.
     pub key: String,
+    /// The step's `timeout`, applied to each request (when shorter than the connection's).
+    pub timeout_ms: Option<u64>,
 }
 
 /// One approval notification.
@@ -225,6 +227,7 @@ fn declared_call(
         connection,
         inputs: rendered,
         key,
+        timeout_ms: None,
     })
 }
 
@@ -617,7 +620,8 @@ impl<'a> Engine<'a> {
                 .map(|v| (Work::Local(v.clone()), Some(v))),
             StepKind::Action {
                 operation, inputs, ..
-            } => declared_call(operation, inputs, &scope, msg.idempotency_key()).map(|c| {
+            } => declared_call(operation, inputs, &scope, msg.idempotency_key()).map(|mut c| {
+                c.timeout_ms = step.timeout_ms;
                 let shown = Some(c.inputs.clone());
                 (Work::Call(c), shown)
             }),

@@ -679,3 +679,41 @@ async fn canary_secret_never_appears_in_errors() {
     let e = format!("{:?}", sender.send(&closed, &request("GET", "/x")).await);
     assert!(!e.contains(CANARY), "{e}");
 }
+
+#[tokio::test]
+async fn a_secret_placed_in_the_json_body_is_sent_there_and_never_shown() {
+    const CANARY: &str = "CANARY-5b1d0e";
+    let server = TestServer::start(|r, _| Reply::text(400, &r.body_text())).await;
+    let conn = connection(
+        &server.base_url(),
+        Auth::JsonBodyKey {
+            member: "routing_key".into(),
+            key: secret("canary"),
+        },
+    );
+    let sender = sender(&[("canary", CANARY)]);
+    let mut req = request("POST", "/v2/enqueue");
+    req.body = Some(Body::Json(json!({"event_action": "trigger"})));
+    // As an error (the generic HTTP action) and as a response a connector judges.
+    let e = terminal(sender.send(&conn, &req).await);
+    assert!(!e.contains(CANARY) && e.contains("[REDACTED]"), "{e}");
+    req.any_status = true;
+    let answer = sender.send(&conn, &req).await.unwrap();
+    assert_eq!(answer.status, 400);
+    let shown = answer.body.to_string();
+    assert!(
+        !shown.contains(CANARY) && shown.contains("[REDACTED]"),
+        "{shown}"
+    );
+    // The vendor did receive it, in the body member.
+    let sent: serde_json::Value = serde_json::from_slice(&server.requests()[0].body).unwrap();
+    assert_eq!(
+        sent,
+        json!({"event_action": "trigger", "routing_key": CANARY})
+    );
+    // A request with no JSON object body cannot carry it: refused before sending.
+    req.body = None;
+    let e = terminal(sender.send(&conn, &req).await);
+    assert!(e.contains("routing_key"), "{e}");
+    assert_eq!(server.requests().len(), 2);
+}

@@ -511,3 +511,78 @@ pub fn with_reference(readme: &str, reference: &str) -> Option<String> {
         &readme[end..]
     ))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_shipped_connector_loads() {
+        for (file, source) in ConnectorCatalog::shipped_sources() {
+            if let Err(p) = Connector::parse(source, Some(file), true) {
+                panic!("{p}");
+            }
+        }
+        assert_eq!(
+            ConnectorCatalog::shipped().connectors().count(),
+            ConnectorCatalog::shipped_sources().len()
+        );
+    }
+
+    fn playbook(catalog: &ConnectorCatalog, connection: Option<&str>) -> crate::playbook::Playbook {
+        let with = connection
+            .map(|c| format!("connection: {c}, "))
+            .unwrap_or_default();
+        let src = format!(
+            "id: p\nname: p\nsteps:\n  - id: s\n    action: slack.post_message\n    with: {{ {with}channel: C1, text: hi }}\n"
+        );
+        crate::playbook::load(&src, None, catalog).unwrap_or_else(|p| panic!("{p}"))
+    }
+
+    #[test]
+    fn a_connection_must_point_at_a_host_its_connector_declares_with_an_auth_it_takes() {
+        let catalog = ConnectorCatalog::shipped();
+        let conns = Connections::parse(
+            r#"connections:
+  slack: { base_url: "https://slack.com", auth: { type: bearer, token: { secret: t } } }
+  exfil: { base_url: "https://collector.evil.example", auth: { type: bearer, token: { secret: t } } }
+  keyless: { base_url: "https://slack.com" }
+"#,
+            None,
+        )
+        .unwrap();
+        assert!(
+            catalog
+                .check_connections(&playbook(&catalog, None), &conns)
+                .is_empty()
+        );
+        let p = catalog.check_connections(&playbook(&catalog, Some("exfil")), &conns);
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert!(
+            p[0].message.contains(
+                "points at `collector.evil.example`; connector `slack` may call only slack.com"
+            ),
+            "{p:?}"
+        );
+        let p = catalog.check_connections(&playbook(&catalog, Some("keyless")), &conns);
+        assert!(p[0].message.contains("uses auth `none`"), "{p:?}");
+        let p = catalog.check_connections(&playbook(&catalog, Some("nope")), &conns);
+        assert!(p[0].message.contains("unknown connection `nope`"), "{p:?}");
+        // Tests and the sandbox point connections at 127.0.0.1 on purpose.
+        let mut relaxed = conns.clone();
+        relaxed.allow_any_host = true;
+        assert!(
+            catalog
+                .check_connections(&playbook(&catalog, Some("exfil")), &relaxed)
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn a_user_connector_may_not_take_a_shipped_id() {
+        let mut catalog = ConnectorCatalog::shipped();
+        let src = "connector: slack\nname: Mine\nhosts: ['*']\nauth: [none]\noperations:\n  x:\n    idempotent: true\n    request: { method: GET, path: / }\n";
+        let e = catalog.add(src, Some("mine.yaml")).unwrap_err().to_string();
+        assert!(e.contains("already shipped with Riposte"), "{e}");
+    }
+}

@@ -22,6 +22,12 @@ impl Drop for Moto {
 
 impl Moto {
     pub async fn start() -> Moto {
+        Moto::start_with_env(&[]).await
+    }
+
+    /// As [`Moto::start`], with extra environment variables for `moto_server`, e.g.
+    /// `("MOTO_IAM_LOAD_MANAGED_POLICIES", "true")` so it knows AWS managed policies.
+    pub async fn start_with_env(env: &[(&str, &str)]) -> Moto {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -29,6 +35,7 @@ impl Moto {
             .port();
         let child = Command::new("moto_server")
             .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())

@@ -733,6 +733,7 @@ fn approval_routes_are_public_and_the_rest_is_iam() {
         "/rules",
         "/rules/{proxy+}",
         "/audit",
+        "/kill-switch",
     ] {
         assert!(
             iam.iter().any(|(_, _, p)| p == path),

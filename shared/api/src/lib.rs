@@ -194,6 +194,7 @@ pub fn router(state: AppState) -> Router {
         .route("/rules/{id}/enable", post(enable_rule))
         .route("/rules/{id}/disable", post(disable_rule))
         .route("/audit", get(audit))
+        .route("/kill-switch", get(get_kill_switch).put(put_kill_switch))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)
 }
@@ -405,6 +406,42 @@ async fn slack_interaction(State(s): State<AppState>, headers: HeaderMap, body: 
         }
     }
     Json(json!({"results": results})).into_response()
+}
+
+async fn get_kill_switch(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    require(&s, &headers, Role::Operator)?;
+    let k = s.service.kill_switch().await?;
+    Ok(Json(json!({"on": k.as_ref().is_some_and(|k| k.on), "last_change": k})).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KillSwitchChange {
+    on: bool,
+    #[serde(default)]
+    reason: String,
+}
+
+/// Turns the kill switch on (no automatic run starts; running ones stop) or off: contributors.
+async fn put_kill_switch(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let p = require(&s, &headers, Role::Contributor)?;
+    let change: KillSwitchChange = serde_json::from_slice(&body).map_err(|e| {
+        ApiError(Error::BadRequest(format!(
+            "kill switch: {e} (expected {{\"on\": true|false, \"reason\": \"...\"}})"
+        )))
+    })?;
+    let k = s
+        .service
+        .set_kill_switch(change.on, &change.reason, &p.name)
+        .await?;
+    Ok(Json(k).into_response())
 }
 
 async fn list_playbooks(

@@ -322,6 +322,62 @@ impl Store for DynamoStore {
         }
     }
 
+    async fn get_setting(&self, key: &str) -> Result<Option<serde_json::Value>, StoreError> {
+        match self.get(format!("SETTING#{key}"), "SETTING").await? {
+            Some(item) => Ok(Some(from_json("setting", item.str("value")?)?)),
+            None => Ok(None),
+        }
+    }
+
+    async fn put_setting(&self, key: &str, value: &serde_json::Value) -> Result<(), StoreError> {
+        let mut item = crate::item::key(format!("SETTING#{key}"), "SETTING");
+        item.insert("value".to_string(), s(value.to_string()));
+        self.dynamo
+            .put_item()
+            .table_name(&self.config.table)
+            .set_item(Some(item))
+            .send()
+            .await
+            .map_err(|e| unavailable(&format!("storing setting {key}"), e))?;
+        Ok(())
+    }
+
+    async fn take_token(
+        &self,
+        bucket: &str,
+        max: u32,
+        expires_at: Millis,
+    ) -> Result<bool, StoreError> {
+        // One conditional ADD: concurrent workers cannot both take the last token.
+        let res = self
+            .dynamo
+            .update_item()
+            .table_name(&self.config.table)
+            .set_key(Some(key(format!("TOKENS#{bucket}"), "TOKENS")))
+            .update_expression("ADD taken :one SET #ttl = :ttl")
+            .condition_expression("attribute_not_exists(taken) OR taken < :max")
+            .expression_attribute_names("#ttl", crate::table::TTL_ATTRIBUTE)
+            .set_expression_attribute_values(values([
+                (":one", n(1)),
+                (":max", n(max)),
+                (":ttl", n(expires_at.div_euclid(1000) + 1)),
+            ]))
+            .send()
+            .await;
+        match res {
+            Ok(_) => Ok(true),
+            Err(e)
+                if matches!(
+                    e.as_service_error(),
+                    Some(UpdateItemError::ConditionalCheckFailedException(_))
+                ) =>
+            {
+                Ok(false)
+            }
+            Err(e) => Err(unavailable(&format!("taking a token of {bucket}"), e)),
+        }
+    }
+
     async fn put_rule(&self, rule: &Rule) -> Result<(), StoreError> {
         let mut item = key(rule_pk(&rule.id), SK_RULE);
         item.extend([

@@ -326,6 +326,7 @@ async fn event_records_round_trip_and_expire_after_retention() {
             title: "Recon".into(),
             evaluation: Evaluation { lines: vec![] },
             runs: vec!["r1".into()],
+            refused: None,
         }],
     };
     f.store.put_event(&record).await.unwrap();

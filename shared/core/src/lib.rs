@@ -6,6 +6,7 @@ pub mod connector;
 pub mod engine;
 pub mod event;
 pub mod expr;
+pub mod guard;
 pub mod http;
 pub mod model;
 pub mod playbook;

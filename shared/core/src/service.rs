@@ -19,6 +19,7 @@ use crate::engine::{
     Answer, Call, Claim, DecideError, Effects, Engine, IssuedLinks, NotifyWork, Outcome, Work,
 };
 use crate::event;
+use crate::guard::Guards;
 use crate::http::{HttpError, HttpRequest};
 use crate::model::{Alert, AlertKind, Millis};
 use crate::playbook::{self, Playbook, PlaybookSpec, Problems, StepKind};
@@ -145,7 +146,22 @@ pub struct Service {
     d: Deps,
     playbooks: Mutex<HashMap<(String, u32), Arc<Playbook>>>,
     rules: Mutex<Option<(Millis, Arc<RuleSet>)>>,
+    guards: std::sync::RwLock<Arc<Guards>>,
+    kill_switch: Mutex<Option<(Millis, Option<KillSwitch>)>>,
 }
+
+/// The kill switch's state: when on, no automatic run starts and running ones stop.
+#[derive(Clone, Debug, PartialEq, Serialize, serde::Deserialize)]
+pub struct KillSwitch {
+    pub on: bool,
+    pub by: String,
+    pub at: Millis,
+    #[serde(default)]
+    pub reason: String,
+}
+
+/// The store setting that holds the [`KillSwitch`].
+const KILL_SWITCH: &str = "kill_switch";
 
 /// The run id for (alert, rule, playbook): the same on every redelivery of the event.
 pub fn derived_run_id(alert_id: &str, rule_id: &str, playbook_id: &str) -> String {
@@ -186,11 +202,86 @@ impl Service {
             d,
             playbooks: Mutex::new(HashMap::new()),
             rules: Mutex::new(None),
+            guards: std::sync::RwLock::new(Arc::new(Guards::default())),
+            kill_switch: Mutex::new(None),
         }
     }
 
     pub fn deps(&self) -> &Deps {
         &self.d
+    }
+
+    /// Replaces the blast-radius guards (never-touch list, rate caps).
+    pub fn set_guards(&self, guards: Guards) {
+        *self.guards.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(guards);
+    }
+
+    pub fn guards(&self) -> Arc<Guards> {
+        self.guards
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// The kill switch, read through a cache as old as the rules cache (0 locally).
+    pub async fn kill_switch(&self) -> Result<Option<KillSwitch>, Error> {
+        let now = self.now();
+        let cached = self
+            .kill_switch
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if let Some((at, k)) = cached
+            && now - at < self.d.config.rules_cache_ms as Millis
+        {
+            return Ok(k);
+        }
+        let k = match self.d.store.get_setting(KILL_SWITCH).await? {
+            Some(v) => serde_json::from_value::<KillSwitch>(v).ok(),
+            None => None,
+        };
+        *self.kill_switch.lock().unwrap_or_else(|e| e.into_inner()) = Some((now, k.clone()));
+        Ok(k)
+    }
+
+    async fn killed(&self) -> Result<Option<KillSwitch>, Error> {
+        Ok(self.kill_switch().await?.filter(|k| k.on))
+    }
+
+    /// Turns the kill switch on or off (the contributor role), recorded in the audit trail.
+    pub async fn set_kill_switch(
+        &self,
+        on: bool,
+        reason: &str,
+        by: &str,
+    ) -> Result<KillSwitch, Error> {
+        let k = KillSwitch {
+            on,
+            by: by.to_string(),
+            at: self.now(),
+            reason: reason.to_string(),
+        };
+        self.d
+            .store
+            .put_setting(
+                KILL_SWITCH,
+                &serde_json::to_value(&k).unwrap_or(Value::Null),
+            )
+            .await?;
+        *self.kill_switch.lock().unwrap_or_else(|e| e.into_inner()) = Some((k.at, Some(k.clone())));
+        self.audit(
+            by,
+            if on {
+                "kill_switch.on"
+            } else {
+                "kill_switch.off"
+            },
+            KILL_SWITCH,
+            Some(reason.to_string()).filter(|r| !r.is_empty()),
+        )
+        .await?;
+        tracing::warn!(message = "Kill switch changed.", on, %by, %reason);
+        Ok(k)
     }
 
     fn now(&self) -> Millis {
@@ -291,9 +382,13 @@ impl Service {
             .to_string();
         let now = self.now();
         let rules = self.rules().await?;
+        let killed = self.killed().await?;
         let mut records = Vec::new();
         for alert in alerts {
-            records.push(self.ingest_alert(&rules, &event_id, alert, now).await?);
+            records.push(
+                self.ingest_alert(&rules, &event_id, alert, now, killed.as_ref())
+                    .await?,
+            );
         }
         let record = EventRecord {
             event_id: event_id.clone(),
@@ -314,11 +409,29 @@ impl Service {
         event_id: &str,
         alert: Alert,
         now: Millis,
+        killed: Option<&KillSwitch>,
     ) -> Result<AlertRecord, Error> {
         let evaluation = rules.evaluate(&alert, now);
         let input = serde_json::to_value(&alert).unwrap_or(Value::Null);
         let mut runs = Vec::new();
-        for (rule_id, playbook_id) in evaluation.runs(rules.rules()) {
+        let matched = evaluation.runs(rules.rules());
+        if let Some(k) = killed.filter(|_| !matched.is_empty()) {
+            tracing::warn!(message = "Kill switch on: matching rules started nothing.", alert_id = %alert.id);
+            return Ok(AlertRecord {
+                alert_id: alert.id,
+                kind: alert.kind,
+                title: alert.title,
+                evaluation,
+                runs,
+                refused: Some(format!(
+                    "the kill switch is on (by {}: {}); {} matching rule(s) started nothing",
+                    k.by,
+                    k.reason,
+                    matched.len()
+                )),
+            });
+        }
+        for (rule_id, playbook_id) in matched {
             let pb = match self.latest_playbook(&playbook_id).await {
                 Ok(pb) => pb,
                 Err(e) => {
@@ -344,6 +457,7 @@ impl Service {
             title: alert.title,
             evaluation,
             runs,
+            refused: None,
         })
     }
 
@@ -444,6 +558,19 @@ impl Service {
         let engine = Engine::with_worker(&pb, self.d.config.worker.clone());
         let now = self.now();
         let mut fx = Effects::default();
+
+        // The kill switch stops automatic runs (and sub-playbook runs) at their next message.
+        if !matches!(run.trigger, Trigger::Manual { .. })
+            && !run.status.is_terminal()
+            && msg.kind != MessageKind::Announce
+            && let Some(k) = self.killed().await?
+        {
+            let by = format!("the kill switch (turned on by {}: {})", k.by, k.reason);
+            if engine.cancel(&mut run, &by, now) {
+                self.save(&run, ver, &fx).await?;
+            }
+            return Ok(Handled::Done);
+        }
 
         if msg.kind == MessageKind::ChildFinished {
             let child_id = pb
@@ -594,6 +721,41 @@ impl Service {
                 retryable: false,
             };
         };
+        let guards = self.guards();
+        if let Err(refused) = guards.check_never_touch(&c.operation, &c.inputs) {
+            return Outcome::Failed {
+                message: refused.0,
+                retryable: false,
+            };
+        }
+        if let Some((max, window)) = guards.cap(&c.operation) {
+            let now = self.now();
+            let start = now - now.rem_euclid(window as Millis);
+            let bucket = format!("{}#{start}", c.operation);
+            match self
+                .d
+                .store
+                .take_token(&bucket, max, start + window as Millis)
+                .await
+            {
+                Ok(true) => {}
+                Ok(false) => {
+                    return Outcome::Failed {
+                        message: format!(
+                            "refused: the rate cap of `{}` ({max} per {}) is reached",
+                            c.operation, guards.rate_caps[&c.operation].per
+                        ),
+                        retryable: false,
+                    };
+                }
+                Err(e) => {
+                    return Outcome::Failed {
+                        message: format!("checking the rate cap of `{}`: {e}", c.operation),
+                        retryable: true,
+                    };
+                }
+            }
+        }
         // The connections file may have changed since the playbook was checked: check again.
         if !self.d.connections.allow_any_host
             && let Some(connector) = self.d.catalog.connector(&op.connector)

@@ -58,6 +58,9 @@ pub struct AlertRecord {
     pub evaluation: Evaluation,
     /// Run ids started (or found already started, on redelivery).
     pub runs: Vec<String>,
+    /// Why matching rules started nothing (the kill switch was on).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refused: Option<String>,
 }
 
 /// What happened to one delivered event.
@@ -124,4 +127,17 @@ pub trait Store: Send + Sync {
 
     async fn append_audit(&self, entry: &AuditEntry) -> Result<(), StoreError>;
     async fn list_audit(&self, limit: usize) -> Result<Vec<AuditEntry>, StoreError>;
+
+    /// A deployment-wide setting (the kill switch), or `None` when never set.
+    async fn get_setting(&self, key: &str) -> Result<Option<serde_json::Value>, StoreError>;
+    async fn put_setting(&self, key: &str, value: &serde_json::Value) -> Result<(), StoreError>;
+
+    /// Takes one of `max` tokens of `bucket` (a rate cap's operation and window): `true` if one
+    /// was left. Atomic across workers; the bucket may be dropped after `expires_at`.
+    async fn take_token(
+        &self,
+        bucket: &str,
+        max: u32,
+        expires_at: Millis,
+    ) -> Result<bool, StoreError>;
 }

@@ -30,7 +30,8 @@ pub const RULES_CACHE_MS: i64 = 5_000;
 /// Everything a function needs, built once at init from its environment: `RIPOSTE_TABLE`,
 /// `RIPOSTE_QUEUE_URL`, `RIPOSTE_RETENTION_DAYS`, `RIPOSTE_PUBLIC_URL` (where approval links
 /// point), `RIPOSTE_APPROVAL_KEY` (at least 32 characters), `RIPOSTE_CONNECTIONS` (the
-/// connections YAML), `RIPOSTE_SECRET_PREFIX` (default `riposte/`: connection secrets are read
+/// connections YAML), `RIPOSTE_GUARDS` (the guards YAML: never-touch list and rate caps),
+/// `RIPOSTE_CONNECTORS` (user connector declarations), `RIPOSTE_SECRET_PREFIX` (default `riposte/`: connection secrets are read
 /// from Secrets Manager under it). The AWS SDK's configuration is loaded once and shared.
 pub async fn from_env() -> Result<(Arc<Service>, Arc<DynamoStore>), String> {
     let sdk = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
@@ -75,6 +76,13 @@ pub async fn from_env() -> Result<(Arc<Service>, Arc<DynamoStore>), String> {
             }
         }
     }
+    let guards = match var("RIPOSTE_GUARDS") {
+        Some(yaml) => Some(
+            riposte_core::guard::Guards::parse(&yaml, Some("RIPOSTE_GUARDS"), &catalog)
+                .map_err(|p| p.to_string())?,
+        ),
+        None => None,
+    };
     let mut connections = connections;
     connections.allow_any_host = egress.allow_private;
     let service = service_with(
@@ -86,6 +94,9 @@ pub async fn from_env() -> Result<(Arc<Service>, Arc<DynamoStore>), String> {
         http,
         clock,
     )?;
+    if let Some(g) = guards {
+        service.set_guards(g);
+    }
     // Warm the connection (DNS, TLS) during init, which is not billed per event: one GetItem.
     if let Err(e) = riposte_core::store::Store::get_rule(store.as_ref(), "warm-up").await {
         tracing::warn!(message = "Warming the table connection failed.", error = %e);

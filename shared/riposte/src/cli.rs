@@ -296,7 +296,16 @@ pub fn validate(paths: Vec<PathBuf>, connections: Option<PathBuf>) -> Result<()>
             .unwrap_or_else(|| PathBuf::from("infra/connections.yaml"))
     });
     let conns = load_connections(&conn_path)?;
-    let catalog = load_catalog(conn_path.parent().unwrap_or(Path::new(".")))?;
+    let infra = conn_path.parent().unwrap_or(Path::new("."));
+    let catalog = load_catalog(infra)?;
+    match crate::runtime::load_guards(infra) {
+        Ok(Some(_)) => println!("ok  {}", infra.join("guards.yaml").display()),
+        Ok(None) => {}
+        Err(e) => {
+            println!("{e}");
+            bail!("guards are invalid");
+        }
+    }
     let mut problems = Vec::new();
     let mut playbook_ids = Vec::new();
     let mut rules = Vec::new();

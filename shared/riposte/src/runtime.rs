@@ -78,6 +78,23 @@ pub fn load_catalog(infra: &Path) -> Result<ConnectorCatalog> {
     Ok(catalog)
 }
 
+/// Reads `INFRA/guards.yaml` (never-touch list, rate caps), checked against the catalog.
+pub fn load_guards(infra: &Path) -> Result<Option<riposte_core::guard::Guards>> {
+    let path = infra.join("guards.yaml");
+    if !path.exists() {
+        return Ok(None);
+    }
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    riposte_core::guard::Guards::parse(
+        &text,
+        Some(&path.display().to_string()),
+        &load_catalog(infra)?,
+    )
+    .map(Some)
+    .map_err(|p| anyhow::anyhow!("{p}"))
+}
+
 /// Reads a connections file; a missing file means no connections.
 pub fn load_connections(path: &Path) -> Result<Connections> {
     if !path.exists() {
@@ -351,6 +368,9 @@ pub async fn run_worker(
 
 /// Builds the HTTP sender for a configuration.
 pub fn sender(cfg: &LocalConfig) -> Arc<dyn HttpSender> {
+    if cfg.demo {
+        return crate::sandbox::sender();
+    }
     let secrets: Arc<dyn Secrets> = Arc::new(EnvSecrets::new(cfg.secrets_dir.clone()));
     let policy = if cfg.allow_private_egress {
         EgressPolicy::permissive_for_tests()
@@ -404,6 +424,9 @@ pub async fn serve(cfg: LocalConfig) -> Result<()> {
         sender(&cfg),
         Arc::new(SystemClock),
     )?;
+    if let Some(guards) = load_guards(&cfg.infra)? {
+        local.service.set_guards(guards);
+    }
     let (np, nr) = seed(&local, &cfg.infra).await?;
     if np + nr > 0 {
         tracing::info!(message = "Loaded examples.", playbooks = np, rules = nr, from = %cfg.infra.display());

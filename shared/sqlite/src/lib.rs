@@ -47,6 +47,8 @@ CREATE TABLE IF NOT EXISTS events (
 CREATE TABLE IF NOT EXISTS audit (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, at INTEGER NOT NULL, body TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS tokens (
+    bucket TEXT PRIMARY KEY, taken INTEGER NOT NULL, expires_at INTEGER NOT NULL);
 "#;
 
 /// A message taken from the queue: its row and what it says.
@@ -558,5 +560,45 @@ impl Store for SqliteStore {
             .map_err(unavailable)?;
         rows.map(|b| from_json("audit", &b.map_err(unavailable)?))
             .collect()
+    }
+
+    async fn get_setting(&self, key: &str) -> Result<Option<serde_json::Value>, StoreError> {
+        match self.meta(&format!("setting:{key}"))? {
+            Some(text) => Ok(Some(from_json("setting", &text)?)),
+            None => Ok(None),
+        }
+    }
+
+    async fn put_setting(&self, key: &str, value: &serde_json::Value) -> Result<(), StoreError> {
+        self.lock()?
+            .execute(
+                "INSERT INTO meta (key, value) VALUES (?1, ?2) \
+                 ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                rusqlite::params![format!("setting:{key}"), value.to_string()],
+            )
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn take_token(
+        &self,
+        bucket: &str,
+        max: u32,
+        expires_at: Millis,
+    ) -> Result<bool, StoreError> {
+        let conn = self.lock()?;
+        conn.execute(
+            "DELETE FROM tokens WHERE expires_at < ?1",
+            [self.clock.now()],
+        )
+        .map_err(unavailable)?;
+        let changed = conn
+            .execute(
+                "INSERT INTO tokens (bucket, taken, expires_at) VALUES (?1, 1, ?3) \
+                 ON CONFLICT(bucket) DO UPDATE SET taken = taken + 1 WHERE taken < ?2",
+                rusqlite::params![bucket, max, expires_at],
+            )
+            .map_err(unavailable)?;
+        Ok(changed == 1)
     }
 }

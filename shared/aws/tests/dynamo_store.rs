@@ -789,3 +789,51 @@ async fn runs_list_newest_first_and_filter_on_status_across_pages() {
     );
     assert!(f.store.list_runs(0, None).await.unwrap().is_empty());
 }
+
+#[tokio::test]
+async fn rate_cap_tokens_run_out_atomically_and_settings_round_trip() {
+    let f = fixture().await;
+    // Ten takes for 3 tokens: exactly 3 win. Each take is one conditional update, which
+    // DynamoDB applies atomically; moto's threaded server does not serialize concurrent
+    // conditional writes, so the takes are made one after another here.
+    let mut won = 0;
+    for _ in 0..10 {
+        if f.store
+            .take_token("entra.disable_user#0", 3, T0 + 3_600_000)
+            .await
+            .unwrap()
+        {
+            won += 1;
+        }
+    }
+    assert_eq!(won, 3);
+    // Another window (or operation) has its own tokens.
+    assert!(
+        f.store
+            .take_token("entra.disable_user#3600000", 3, T0 + 7_200_000)
+            .await
+            .unwrap()
+    );
+    let raw = f
+        .raw("TOKENS#entra.disable_user#0", "TOKENS")
+        .await
+        .unwrap();
+    assert_eq!(
+        raw.get("taken")
+            .and_then(|v| v.as_n().ok())
+            .map(String::as_str),
+        Some("3")
+    );
+    // The bucket expires by TTL after its window.
+    assert_eq!(
+        raw.get("expires_at")
+            .and_then(|v| v.as_n().ok())
+            .map(String::as_str),
+        Some(((T0 + 3_600_000) / 1000 + 1).to_string().as_str())
+    );
+
+    assert_eq!(f.store.get_setting("kill_switch").await.unwrap(), None);
+    let on = json!({"on": true, "by": "carl", "at": T0, "reason": "review"});
+    f.store.put_setting("kill_switch", &on).await.unwrap();
+    assert_eq!(f.store.get_setting("kill_switch").await.unwrap(), Some(on));
+}

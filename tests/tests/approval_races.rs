@@ -99,16 +99,21 @@ async fn two_answers_at_the_same_moment_have_exactly_one_winner_1000_times() {
         for (id, block, ignore) in runs.clone() {
             let (a, b) = (service.clone(), service.clone());
             let who = format!("netadmin-{batch}");
-            races.push(tokio::spawn(async move {
-                let (x, y) = tokio::join!(
-                    a.decide(&block, Some(&who)),
-                    b.decide(&ignore, Some("secadmin"))
-                );
-                (id, x, y)
-            }));
+            // Two tasks on different worker threads, released together.
+            let start = Arc::new(tokio::sync::Barrier::new(2));
+            let (sa, sb) = (start.clone(), start);
+            let x = tokio::spawn(async move {
+                sa.wait().await;
+                a.decide(&block, Some(&who)).await
+            });
+            let y = tokio::spawn(async move {
+                sb.wait().await;
+                b.decide(&ignore, Some("secadmin")).await
+            });
+            races.push(async move { (id, x.await.unwrap(), y.await.unwrap()) });
         }
         for race in races {
-            let (id, x, y) = race.await.unwrap();
+            let (id, x, y) = race.await;
             let (winner, loser) = match (&x, &y) {
                 (Ok(w), Err(l)) => {
                     wins[0] += 1;

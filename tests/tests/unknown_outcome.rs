@@ -29,20 +29,9 @@ fn connections(v: &Vendor) -> String {
     )
 }
 
-async fn started(r: &Riposte) -> String {
-    let spec = spec_from_value(serde_yaml_ng::from_str(PLAYBOOK).unwrap(), None).unwrap();
-    r.local.service.put_playbook(spec, "carl").await.unwrap();
-    r.local
-        .service
-        .start_run("open-incident", json!({}), "olivia")
-        .await
-        .unwrap()
-        .id
-}
-
-#[tokio::test]
-async fn a_timed_out_incident_is_not_opened_twice_a_human_settles_it() {
-    // ServiceNow takes 3 s to answer; the step allows 1 s: did the incident get created?
+/// ServiceNow takes 3 s to answer; the step allows 1 s: did the incident get created? Returns
+/// the stand-in, Riposte and the started run's id.
+async fn started() -> (Vendor, Riposte, String) {
     let sn = Vendor::start_slow("servicenow", Duration::from_secs(3), |_| {
         (
             201,
@@ -51,7 +40,21 @@ async fn a_timed_out_incident_is_not_opened_twice_a_human_settles_it() {
     })
     .await;
     let r = Riposte::start_with_secrets(&connections(&sn), &[("sn", "pw")]).await;
-    let id = started(&r).await;
+    let spec = spec_from_value(serde_yaml_ng::from_str(PLAYBOOK).unwrap(), None).unwrap();
+    r.local.service.put_playbook(spec, "carl").await.unwrap();
+    let id = r
+        .local
+        .service
+        .start_run("open-incident", json!({}), "olivia")
+        .await
+        .unwrap()
+        .id;
+    (sn, r, id)
+}
+
+#[tokio::test]
+async fn a_timed_out_incident_is_not_opened_twice_a_human_settles_it() {
+    let (sn, r, id) = started().await;
     let run = r
         .wait_run(&id, "waiting for a human", |run| {
             run.status == RunStatus::Waiting
@@ -90,15 +93,7 @@ async fn a_timed_out_incident_is_not_opened_twice_a_human_settles_it() {
 
 #[tokio::test]
 async fn a_human_may_ask_for_the_call_again() {
-    let sn = Vendor::start_slow("servicenow", Duration::from_secs(3), |_| {
-        (
-            201,
-            json!({"result": {"sys_id": "abc", "number": "INC0010042"}}),
-        )
-    })
-    .await;
-    let r = Riposte::start_with_secrets(&connections(&sn), &[("sn", "pw")]).await;
-    let id = started(&r).await;
+    let (sn, r, id) = started().await;
     r.wait_run(&id, "waiting for a human", |run| {
         run.status == RunStatus::Waiting
     })

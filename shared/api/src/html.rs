@@ -6,20 +6,7 @@ use axum::response::{IntoResponse, Response};
 
 use riposte_core::service::ApprovalView;
 
-pub fn escape(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&#39;"),
-            c => out.push(c),
-        }
-    }
-    out
-}
+pub use riposte_core::expr::escape_markup as escape;
 
 pub fn page(status: StatusCode, body: &str) -> Response {
     let html = format!(

@@ -223,6 +223,25 @@ fn rule_of(item: &Item) -> Result<Rule, StoreError> {
     from_json("rule", item.str("rule")?)
 }
 
+/// Whether a conditional UpdateItem applied: `false` when its condition failed.
+fn applied<T>(
+    res: Result<T, aws_sdk_dynamodb::error::SdkError<UpdateItemError>>,
+    what: impl FnOnce() -> String,
+) -> Result<bool, StoreError> {
+    match res {
+        Ok(_) => Ok(true),
+        Err(e)
+            if matches!(
+                e.as_service_error(),
+                Some(UpdateItemError::ConditionalCheckFailedException(_))
+            ) =>
+        {
+            Ok(false)
+        }
+        Err(e) => Err(unavailable(&what(), e)),
+    }
+}
+
 #[async_trait]
 impl Store for DynamoStore {
     async fn put_playbook(
@@ -308,18 +327,7 @@ impl Store for DynamoStore {
             ]))
             .send()
             .await;
-        match res {
-            Ok(_) => Ok(true),
-            Err(e)
-                if matches!(
-                    e.as_service_error(),
-                    Some(UpdateItemError::ConditionalCheckFailedException(_))
-                ) =>
-            {
-                Ok(false)
-            }
-            Err(e) => Err(unavailable(&format!("deleting playbook {id}"), e)),
-        }
+        applied(res, || format!("deleting playbook {id}"))
     }
 
     async fn get_setting(&self, key: &str) -> Result<Option<serde_json::Value>, StoreError> {
@@ -364,18 +372,7 @@ impl Store for DynamoStore {
             ]))
             .send()
             .await;
-        match res {
-            Ok(_) => Ok(true),
-            Err(e)
-                if matches!(
-                    e.as_service_error(),
-                    Some(UpdateItemError::ConditionalCheckFailedException(_))
-                ) =>
-            {
-                Ok(false)
-            }
-            Err(e) => Err(unavailable(&format!("taking a token of {bucket}"), e)),
-        }
+        applied(res, || format!("taking a token of {bucket}"))
     }
 
     async fn put_rule(&self, rule: &Rule) -> Result<(), StoreError> {

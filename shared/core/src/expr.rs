@@ -364,23 +364,27 @@ pub fn text_of(v: &Value) -> String {
     }
 }
 
+/// Escapes text for XML or HTML character data and attribute values: `&`, `<`, `>`, `"` and `'`
+/// (as `&#39;`, which both read).
+pub fn escape_markup(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
 fn encode(s: &str, encoding: Encoding) -> String {
     match encoding {
         Encoding::Text => s.to_string(),
-        Encoding::Xml => {
-            let mut out = String::with_capacity(s.len());
-            for c in s.chars() {
-                match c {
-                    '&' => out.push_str("&amp;"),
-                    '<' => out.push_str("&lt;"),
-                    '>' => out.push_str("&gt;"),
-                    '"' => out.push_str("&quot;"),
-                    '\'' => out.push_str("&apos;"),
-                    c => out.push(c),
-                }
-            }
-            out
-        }
+        Encoding::Xml => escape_markup(s),
         Encoding::PathSegment => {
             let mut out = String::with_capacity(s.len());
             for b in s.bytes() {

@@ -291,3 +291,75 @@ pub async fn call_with_timeout(
     }
     CallResult::Done(Value::Object(outputs))
 }
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::connector::ConnectorCatalog;
+
+    /// Payloads that make other automation tools evaluate or re-shape: template engines,
+    /// expression languages, shells, XML and header injection.
+    const PAYLOADS: &[&str] = &[
+        "{{7*7}}",
+        "${7*7}",
+        "#{7*7}",
+        "${{ 1 + 1 }}",
+        "$(id)",
+        "`id`",
+        "<%= 7*7 %>",
+        "</member></tag><tag><member>pwned",
+        "\"/><entry ip=\"10.0.0.1",
+        "a\r\nX-Injected: 1",
+        "../../api/?type=op",
+    ];
+
+    fn rendered(op: &str, inputs: Value) -> Vec<HttpRequest> {
+        let catalog = ConnectorCatalog::shipped();
+        let op = catalog.operation_named(op).unwrap();
+        let inputs = Value::Object(complete_inputs(op, &inputs).unwrap());
+        let mut scope = Scope::new();
+        scope.set("inputs", &inputs);
+        scope.set("key", &json!("run:step:0"));
+        scope.set("responses", &json!({}));
+        op.requests
+            .iter()
+            .map(|r| render(r, &scope, "c").unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn alert_text_is_data_in_every_format_a_connector_writes() {
+        for p in PAYLOADS {
+            // XML inside a form field (PAN-OS): escaped, so no element or attribute is added.
+            let r = &rendered("panos.block_ip", json!({"ip": p, "tag": p}))[0];
+            let Some(Body::Form(form)) = &r.body else {
+                panic!("{r:?}")
+            };
+            let cmd = &form["cmd"];
+            assert_eq!(cmd.matches("<member").count(), 1, "{p}: {cmd}");
+            assert_eq!(cmd.matches("<entry ").count(), 1, "{p}: {cmd}");
+            assert_eq!(cmd.matches("</member>").count(), 1, "{p}: {cmd}");
+            assert_eq!(cmd.matches("<tag>").count(), 1, "{p}: {cmd}");
+            // JSON (ServiceNow): the value is a string, whole, never evaluated.
+            let r = &rendered(
+                "servicenow.create_incident",
+                json!({"short_description": p}),
+            )[0];
+            let Some(Body::Json(body)) = &r.body else {
+                panic!("{r:?}")
+            };
+            assert_eq!(body["short_description"], json!(p), "{p}");
+            assert!(!body.to_string().contains("49"), "{p}: evaluated");
+            // A path segment (Entra): one segment, percent-encoded.
+            let r = &rendered("entra.disable_user", json!({"user": p}))[0];
+            let segment = r.path.strip_prefix("/v1.0/users/").unwrap();
+            assert!(
+                !segment.contains('/') && !segment.contains('\r'),
+                "{p}: {}",
+                r.path
+            );
+        }
+    }
+}

@@ -661,9 +661,9 @@ fn attribute_map_json(
 }
 
 fn link(v: &Vendors, choice: &str) -> String {
-    let mail = v.sendgrid.requests();
+    let mail = v.email.requests();
     assert_eq!(mail.len(), 1, "one approval mail");
-    let text = mail[0].json()["content"][0]["value"]
+    let text = mail[0].json()["Content"]["Simple"]["Body"]["Text"]["Data"]
         .as_str()
         .unwrap()
         .to_string();

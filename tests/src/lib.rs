@@ -11,6 +11,7 @@ use std::time::Duration;
 use axum::body::Bytes;
 use axum::extract::{Request, State};
 use axum::http::StatusCode;
+use axum::http::header::CONTENT_TYPE;
 use axum::response::{IntoResponse, Response};
 use serde_json::Value;
 use tokio::sync::watch;
@@ -126,7 +127,17 @@ impl Recorded {
     }
 }
 
-/// How a vendor answers a request: status and JSON body (`Value::Null` for an empty body).
+/// The member a [`text_body`] answer is marked with.
+const TEXT_BODY: &str = "$riposte_tests_text_body";
+
+/// An answer sent as text with a content type instead of JSON (PAN-OS answers XML), e.g.
+/// `(200, text_body("application/xml; charset=UTF-8", "<response status=\"success\"/>"))`.
+pub fn text_body(content_type: &str, text: &str) -> Value {
+    serde_json::json!({ TEXT_BODY: [content_type, text] })
+}
+
+/// How a vendor answers a request: status and JSON body (`Value::Null` for an empty body; a
+/// [`text_body`] for text).
 pub type Responder = Arc<dyn Fn(&Recorded) -> (u16, Value) + Send + Sync>;
 
 /// A vendor API stand-in on 127.0.0.1.
@@ -165,6 +176,17 @@ async fn record(State(st): State<VendorState>, req: Request) -> Response {
         tokio::time::sleep(st.delay).await;
     }
     let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    if let Some([ct, text]) = body
+        .get(TEXT_BODY)
+        .and_then(Value::as_array)
+        .map(Vec::as_slice)
+    {
+        let header = [(
+            CONTENT_TYPE,
+            ct.as_str().unwrap_or("text/plain").to_string(),
+        )];
+        return (status, header, text.as_str().unwrap_or("").to_string()).into_response();
+    }
     if body.is_null() {
         status.into_response()
     } else {

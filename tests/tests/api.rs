@@ -3,20 +3,12 @@
 
 use serde_json::{Value, json};
 
+use riposte_tests::vendors::{SECRETS, closed_connections};
 use riposte_tests::{CONTRIBUTOR_KEY, OPERATOR_KEY, Riposte, event};
 
 /// No vendor is called in these tests: every connection points at a closed port.
-const CONNECTIONS: &str = r#"connections:
-  servicenow: { base_url: "http://127.0.0.1:9" }
-  slack: { base_url: "http://127.0.0.1:9" }
-  sendgrid: { base_url: "http://127.0.0.1:9" }
-  panos: { base_url: "http://127.0.0.1:9" }
-  entra: { base_url: "http://127.0.0.1:9" }
-  securityhub: { base_url: "http://127.0.0.1:9" }
-"#;
-
 async fn riposte() -> Riposte {
-    Riposte::start(CONNECTIONS, &[]).await
+    Riposte::start(&closed_connections(), SECRETS).await
 }
 
 fn err(v: &Value) -> String {

@@ -18,7 +18,7 @@ use riposte_core::run::{Run, RunStatus};
 use riposte_core::service::Service;
 use riposte_core::store::Store;
 use riposte_tests::moto::{Moto, acknowledge, receive_batch};
-use riposte_tests::vendors::{SECRETS, Vendors, connections, vendors};
+use riposte_tests::vendors::{SECRETS, SLACK_CHANNEL, SLACK_TS_ASK, Vendors, connections, vendors};
 use riposte_tests::{OffsetClock, event, repo, secrets_from, sender, test_connections};
 
 struct Aws {
@@ -153,9 +153,10 @@ async fn started(a: &Aws) -> String {
 }
 
 fn link(v: &Vendors, choice: &str) -> String {
-    let mail = v.sendgrid.requests();
+    let mail = v.email.requests();
     assert_eq!(mail.len(), 1);
-    let text = mail[0].json()["content"][0]["value"]
+    assert_eq!(mail[0].path, "/v2/email/outbound-emails");
+    let text = mail[0].json()["Content"]["Simple"]["Body"]["Text"]["Data"]
         .as_str()
         .unwrap()
         .to_string();
@@ -187,10 +188,57 @@ async fn block_through_the_lambda_handlers_and_a_duplicate_message_changes_nothi
         "{}",
         riposte::timeline::render(&run)
     );
+    // The Slack question is updated in place with who decided (the Announce message, via SQS).
+    for _ in 0..100 {
+        if v.slack.requests().len() >= 3 {
+            break;
+        }
+        if a.deliver_ready().await.is_empty() {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+    let slack = v.slack.requests();
+    assert_eq!(slack.len(), 3, "post, ask, update: {slack:#?}");
+    assert_eq!(slack[2].path, "/api/chat.update");
+    let update = slack[2].json();
+    assert_eq!(
+        (&update["channel"], &update["ts"]),
+        (&json!(SLACK_CHANNEL), &json!(SLACK_TS_ASK))
+    );
+    assert!(
+        update["text"]
+            .as_str()
+            .unwrap()
+            .starts_with("block by netadmin@example.com at 20"),
+        "{update}"
+    );
+    let run = a.run(&id).await;
     let fw = v.panos.requests();
     assert_eq!(fw.len(), 1);
-    assert_eq!(fw[0].json()["entry"]["ip-netmask"], "198.51.100.23");
-    assert_eq!(v.entra.requests().len(), 2);
+    assert_eq!(
+        (fw[0].method.as_str(), fw[0].path.as_str()),
+        ("POST", "/api/")
+    );
+    assert_eq!(
+        fw[0].form().get("cmd").map(String::as_str),
+        Some(
+            r#"<uid-message><version>1.0</version><type>update</type><payload><register><entry ip="198.51.100.23"><tag><member timeout="0">riposte-blocked</member></tag></entry></register></payload></uid-message>"#
+        )
+    );
+    let entra: Vec<String> = v
+        .entra
+        .requests()
+        .iter()
+        .map(|r| format!("{} {}", r.method, r.path))
+        .collect();
+    assert_eq!(
+        entra,
+        [
+            "POST /00000000-0000-0000-0000-000000000000/oauth2/v2.0/token",
+            "PATCH /v1.0/users/alice%40example.com",
+            "POST /v1.0/users/alice%40example.com/revokeSignInSessions"
+        ]
+    );
     assert_eq!(v.servicenow.requests().len(), 2);
     assert!(v.securityhub.requests().is_empty());
 
@@ -315,12 +363,17 @@ async fn ignore_through_the_lambda_handlers() {
     );
     let sh = v.securityhub.requests();
     assert_eq!(sh.len(), 1);
-    assert!(
-        sh[0]
-            .header("authorization")
-            .unwrap()
-            .starts_with("AWS4-HMAC-SHA256 Credential=AKIDEXAMPLE/")
+    assert_eq!(
+        (sh[0].method.as_str(), sh[0].path.as_str()),
+        ("PATCH", "/findings/batchupdate")
     );
+    let auth = sh[0].header("authorization").unwrap();
+    assert!(
+        auth.starts_with("AWS4-HMAC-SHA256 Credential=AKIDEXAMPLE/")
+            && auth.contains("/us-east-1/securityhub/aws4_request,"),
+        "{auth}"
+    );
+    assert_eq!(sh[0].json()["Workflow"], json!({"Status": "SUPPRESSED"}));
     assert_eq!(v.servicenow.requests()[1].json()["state"], "7");
     assert!(v.panos.requests().is_empty());
 }

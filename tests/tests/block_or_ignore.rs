@@ -5,7 +5,10 @@
 use serde_json::json;
 
 use riposte_core::run::{RunStatus, StepStatus};
-use riposte_tests::vendors::{SECRETS, SYS_ID, Vendors, connections, vendors};
+use riposte_tests::vendors::{
+    ENTRA_TENANT, ENTRA_TOKEN, INCIDENT, SECRETS, SLACK_CHANNEL, SLACK_TS_ASK, SLACK_TS_POST,
+    SYS_ID, Vendors, connections, vendors,
+};
 use riposte_tests::{CONTRIBUTOR_KEY, OPERATOR_KEY, Recorded, Riposte, event};
 
 const TITLE: &str = "Outbound traffic to a custom threat list IP 198.51.100.23 from EC2 instance i-0a1b2c3d4e5f67890.";
@@ -74,7 +77,8 @@ async fn start(r: &Riposte) -> String {
     id
 }
 
-/// The approval links, as the email carried them; checks the email and Slack requests exactly.
+/// The approval links, as the email carried them; checks the ServiceNow, Slack and SES requests
+/// exactly as each vendor documents them.
 fn check_notifications(v: &Vendors, r: &Riposte, run_id: &str) -> (String, String) {
     let sn = v.servicenow.requests();
     assert_eq!(sn.len(), 1);
@@ -84,6 +88,13 @@ fn check_notifications(v: &Vendors, r: &Riposte, run_id: &str) -> (String, Strin
         ("POST", "/api/now/table/incident")
     );
     assert_eq!(
+        open.query_pairs(),
+        vec![(
+            "sysparm_fields".into(),
+            "sys_id,number,state,sys_created_on".into()
+        )]
+    );
+    assert_eq!(
         open.header("authorization"),
         Some(basic("riposte", "sn-test-password").as_str())
     );
@@ -91,7 +102,8 @@ fn check_notifications(v: &Vendors, r: &Riposte, run_id: &str) -> (String, Strin
     assert_eq!(open.header("content-type"), Some("application/json"));
     assert_eq!(
         open.header("idempotency-key"),
-        Some(format!("{run_id}:open_ticket:0").as_str())
+        None,
+        "ServiceNow takes the key as correlation_id"
     );
     let ev = event("guardduty-malicious-ip-caller.json");
     assert_eq!(
@@ -102,7 +114,7 @@ fn check_notifications(v: &Vendors, r: &Riposte, run_id: &str) -> (String, Strin
             "urgency": "2",
             "impact": "2",
             "category": "security",
-            "correlation_id": run_id,
+            "correlation_id": format!("{run_id}:open_ticket:0"),
         })
     );
 
@@ -113,8 +125,14 @@ fn check_notifications(v: &Vendors, r: &Riposte, run_id: &str) -> (String, Strin
             (s.method.as_str(), s.path.as_str()),
             ("POST", "/api/chat.postMessage")
         );
-        assert_eq!(s.header("authorization"), Some("Bearer slack-test-token"));
-        assert_eq!(s.header("content-type"), Some("application/json"));
+        assert_eq!(
+            s.header("authorization"),
+            Some("Bearer xoxb-slack-test-token")
+        );
+        assert_eq!(
+            s.header("content-type"),
+            Some("application/json; charset=utf-8")
+        );
     }
     let tell = slack
         .iter()
@@ -122,21 +140,38 @@ fn check_notifications(v: &Vendors, r: &Riposte, run_id: &str) -> (String, Strin
         .unwrap();
     assert_eq!(
         tell.json(),
-        json!({"channel": "#soc-alerts", "text": format!("High GuardDuty finding: {TITLE}. Incident INC0010042 opened; admins asked to block or ignore.")})
+        json!({
+            "channel": "#soc-alerts",
+            "text": format!("High GuardDuty finding: {TITLE}. Incident {INCIDENT} opened; admins asked to block or ignore."),
+            "unfurl_links": false,
+            "unfurl_media": false,
+        })
     );
 
-    let mail = v.sendgrid.requests();
+    let mail = v.email.requests();
     assert_eq!(mail.len(), 1);
     assert_eq!(
         (mail[0].method.as_str(), mail[0].path.as_str()),
-        ("POST", "/v3/mail/send")
+        ("POST", "/v2/email/outbound-emails")
     );
-    assert_eq!(
-        mail[0].header("authorization"),
-        Some("Bearer sendgrid-test-key")
+    let auth = mail[0].header("authorization").unwrap();
+    assert!(
+        auth.starts_with("AWS4-HMAC-SHA256 Credential=AKIDEXAMPLE/")
+            && auth.contains("/us-east-1/ses/aws4_request, SignedHeaders=")
+            && auth.contains(", Signature="),
+        "{auth}"
     );
+    assert!(
+        mail[0].header("x-amz-date").is_some(),
+        "{:?}",
+        mail[0].headers
+    );
+    assert_eq!(mail[0].header("content-type"), Some("application/json"));
     let body = mail[0].json();
-    let text = body["content"][0]["value"].as_str().unwrap().to_string();
+    let text = body["Content"]["Simple"]["Body"]["Text"]["Data"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let link = |label: &str| {
         text.lines()
             .find_map(|l| l.strip_prefix(&format!("{label}: ")))
@@ -152,22 +187,84 @@ fn check_notifications(v: &Vendors, r: &Riposte, run_id: &str) -> (String, Strin
     assert_eq!(
         body,
         json!({
-            "personalizations": [{"to": [{"email": "netadmin@example.com"}, {"email": "secadmin@example.com"}]}],
-            "from": {"email": "riposte@example.com", "name": "Riposte"},
-            "subject": format!("Block or ignore? {TITLE}"),
-            "content": [{"type": "text/plain", "value": format!(
-                "{TITLE}\n\nRemote IPs: 198.51.100.23\nIncident: INC0010042\n\nBlock: {block}\nIgnore: {ignore}\n\nWith no answer in 4 hours the alert is ignored."
-            )}]
+            "FromEmailAddress": "riposte@example.com",
+            "Destination": {"ToAddresses": ["netadmin@example.com", "secadmin@example.com"]},
+            "Content": {"Simple": {
+                "Subject": {"Data": format!("Block or ignore? {TITLE}"), "Charset": "UTF-8"},
+                "Body": {"Text": {"Data": format!(
+                    "{TITLE}\n\nRemote IPs: 198.51.100.23\nIncident: {INCIDENT}\n\nBlock: {block}\nIgnore: {ignore}\n\nWith no answer in 4 hours the alert is ignored."
+                ), "Charset": "UTF-8"}}
+            }}
         })
     );
+
+    // The Slack question: one button per choice, each opening its link and carrying its token.
     let ask = slack
         .iter()
         .find(|s| s.json().get("blocks").is_some())
         .unwrap()
         .json();
-    assert_eq!(ask["blocks"][1]["elements"][0]["url"], json!(block));
-    assert_eq!(ask["blocks"][1]["elements"][1]["url"], json!(ignore));
+    let token = |link: &str| link.rsplit('/').next().unwrap().to_string();
+    let question = format!("Block or ignore? {TITLE} (remote IPs 198.51.100.23)");
+    assert_eq!(
+        ask,
+        json!({
+            "channel": "#soc-alerts",
+            "text": question,
+            "blocks": [
+                {"type": "section", "text": {"type": "plain_text", "text": question}},
+                {"type": "actions", "block_id": "riposte_approval", "elements": [
+                    {"type": "button", "text": {"type": "plain_text", "text": "Block"}, "url": block, "value": token(&block), "action_id": "riposte_approval_block"},
+                    {"type": "button", "text": {"type": "plain_text", "text": "Ignore"}, "url": ignore, "value": token(&ignore), "action_id": "riposte_approval_ignore"},
+                ]},
+            ],
+            "unfurl_links": false,
+            "unfurl_media": false,
+        })
+    );
     (block, ignore)
+}
+
+/// After the decision, the Slack question (the ask's channel and ts) is updated in place to say
+/// who decided and when: the one chat.update the run sends.
+async fn check_slack_update(v: &Vendors, r: &Riposte, run_id: &str, said: &str) {
+    for _ in 0..500 {
+        if v.slack.requests().len() >= 3 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let slack = only(v.slack.requests(), 3, "Slack post + ask + update");
+    let update = &slack[2];
+    assert_eq!(
+        (update.method.as_str(), update.path.as_str()),
+        ("POST", "/api/chat.update")
+    );
+    assert_eq!(
+        update.header("authorization"),
+        Some("Bearer xoxb-slack-test-token")
+    );
+    assert_eq!(
+        update.header("content-type"),
+        Some("application/json; charset=utf-8")
+    );
+    let run = r.wait_run(run_id, "decided", |_| true).await;
+    let decision = run.step("ask_admins").unwrap().iterations[0]
+        .approval
+        .as_ref()
+        .and_then(|a| a.decision.clone())
+        .expect("the approval is decided");
+    let at = riposte_core::engine::rfc3339(decision.at);
+    assert!(at.starts_with("20") && at.ends_with('Z'), "{at}");
+    assert_eq!(
+        update.json(),
+        json!({
+            "channel": SLACK_CHANNEL,
+            "ts": SLACK_TS_ASK,
+            "text": format!("{said} at {at}. {TITLE}"),
+        }),
+        "the question the ask posted, not the SOC notice ({SLACK_TS_POST})"
+    );
 }
 
 async fn post_link(r: &Riposte, link: &str, approver: Option<&str>) -> (u16, String) {
@@ -231,53 +328,65 @@ async fn block_blocks_the_remote_ip_disables_the_user_and_resolves_the_ticket() 
 
     let run = r.succeeded(&run_id).await;
 
+    // PAN-OS: the remote IP registered to the block tag through the User-ID API, no commit.
     let fw = only(v.panos.requests(), 1, "PAN-OS");
     assert_eq!(
-        (fw[0].method.as_str(), fw[0].path.as_str()),
-        ("POST", "/restapi/v10.2/Objects/Addresses")
-    );
-    assert_eq!(
-        fw[0].query_pairs(),
-        vec![
-            ("location".into(), "vsys".into()),
-            ("vsys".into(), "vsys1".into()),
-            ("name".into(), "riposte-198.51.100.23".into())
-        ]
+        (
+            fw[0].method.as_str(),
+            fw[0].path.as_str(),
+            fw[0].query.as_deref()
+        ),
+        ("POST", "/api/", None)
     );
     assert_eq!(fw[0].header("x-pan-key"), Some("panos-test-key"));
     assert_eq!(
-        fw[0].json(),
-        json!({"entry": {"@name": "riposte-198.51.100.23", "ip-netmask": "198.51.100.23", "tag": {"member": ["riposte-blocked"]}, "description": format!("Blocked by Riposte run {run_id}")}})
+        fw[0].header("content-type"),
+        Some("application/x-www-form-urlencoded")
+    );
+    assert_eq!(
+        fw[0].form(),
+        [
+            ("type".to_string(), "user-id".to_string()),
+            (
+                "cmd".to_string(),
+                r#"<uid-message><version>1.0</version><type>update</type><payload><register><entry ip="198.51.100.23"><tag><member timeout="0">riposte-blocked</member></tag></entry></register></payload></uid-message>"#.to_string()
+            ),
+        ]
+        .into_iter()
+        .collect()
+    );
+    assert_eq!(
+        run.step("block_ip").unwrap().iterations[0].output,
+        Some(
+            json!({"ip": "198.51.100.23", "tag": "riposte-blocked", "timeout_seconds": 0, "already_registered": false})
+        ),
+        "the XML answer was judged a success"
     );
 
-    let entra = only(v.entra.requests(), 2, "Entra token + PATCH");
+    // Entra ID: one token (cached), the user disabled, then their sessions revoked.
+    let entra = only(v.entra.requests(), 3, "Entra token + PATCH + revoke");
     assert_eq!(
         (entra[0].method.as_str(), entra[0].path.as_str()),
         (
             "POST",
-            "/00000000-0000-0000-0000-000000000000/oauth2/v2.0/token"
+            format!("/{ENTRA_TENANT}/oauth2/v2.0/token").as_str()
         )
     );
     assert_eq!(
         entra[0].header("content-type"),
         Some("application/x-www-form-urlencoded")
     );
-    let form = entra[0].form();
     assert_eq!(
-        form.get("grant_type").map(String::as_str),
-        Some("client_credentials")
-    );
-    assert_eq!(
-        form.get("client_id").map(String::as_str),
-        Some("11111111-1111-1111-1111-111111111111")
-    );
-    assert_eq!(
-        form.get("client_secret").map(String::as_str),
-        Some("entra-test-secret")
-    );
-    assert_eq!(
-        form.get("scope").map(String::as_str),
-        Some("https://graph.microsoft.com/.default")
+        entra[0].form(),
+        [
+            ("grant_type", "client_credentials"),
+            ("client_id", "11111111-1111-1111-1111-111111111111"),
+            ("client_secret", "entra-test-secret"),
+            ("scope", "https://graph.microsoft.com/.default"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
     );
     assert_eq!(
         (entra[1].method.as_str(), entra[1].path.as_str()),
@@ -285,9 +394,28 @@ async fn block_blocks_the_remote_ip_disables_the_user_and_resolves_the_ticket() 
     );
     assert_eq!(
         entra[1].header("authorization"),
-        Some("Bearer entra-access-token-1")
+        Some(format!("Bearer {ENTRA_TOKEN}").as_str())
     );
+    assert_eq!(entra[1].header("accept"), Some("application/json"));
+    assert_eq!(entra[1].header("content-type"), Some("application/json"));
     assert_eq!(entra[1].json(), json!({"accountEnabled": false}));
+    assert_eq!(
+        (entra[2].method.as_str(), entra[2].path.as_str()),
+        (
+            "POST",
+            "/v1.0/users/alice%40example.com/revokeSignInSessions"
+        )
+    );
+    assert_eq!(
+        entra[2].header("authorization"),
+        Some(format!("Bearer {ENTRA_TOKEN}").as_str())
+    );
+    assert_eq!(entra[2].header("accept"), Some("application/json"));
+    assert_eq!(entra[2].body, "", "revokeSignInSessions takes no body");
+    assert_eq!(
+        run.step("revoke_sessions").unwrap().iterations[0].output,
+        Some(json!({"user": "alice@example.com", "revoked": true}))
+    );
 
     let sn = only(v.servicenow.requests(), 2, "ServiceNow open + resolve");
     assert_eq!(
@@ -298,9 +426,21 @@ async fn block_blocks_the_remote_ip_disables_the_user_and_resolves_the_ticket() 
         )
     );
     assert_eq!(
+        sn[1].query_pairs(),
+        vec![(
+            "sysparm_fields".into(),
+            "sys_id,number,state,resolved_at,sys_updated_on".into()
+        )]
+    );
+    assert_eq!(
+        sn[1].header("authorization"),
+        Some(basic("riposte", "sn-test-password").as_str())
+    );
+    assert_eq!(
         sn[1].json(),
         json!({"state": "6", "close_code": "Solved (Permanently)", "close_notes": "Blocked 198.51.100.23 and disabled alice; approved by netadmin@example.com."})
     );
+    check_slack_update(&v, &r, &run_id, "block by netadmin@example.com").await;
     only(
         v.securityhub.requests(),
         0,
@@ -330,16 +470,17 @@ async fn ignore_suppresses_the_finding_and_closes_the_ticket() {
     let sh = only(v.securityhub.requests(), 1, "Security Hub");
     assert_eq!(
         (sh[0].method.as_str(), sh[0].path.as_str()),
-        ("POST", "/findings/batchupdate")
+        ("PATCH", "/findings/batchupdate")
     );
+    let auth = sh[0].header("authorization").unwrap();
     assert!(
-        sh[0]
-            .header("authorization")
-            .unwrap()
-            .starts_with("AWS4-HMAC-SHA256 Credential="),
+        auth.starts_with("AWS4-HMAC-SHA256 Credential=AKIDEXAMPLE/")
+            && auth.contains("/us-east-1/securityhub/aws4_request, SignedHeaders=")
+            && auth.contains(", Signature="),
         "{:?}",
         sh[0].headers
     );
+    assert_eq!(sh[0].header("content-type"), Some("application/json"));
     let arn = event("guardduty-malicious-ip-caller.json")["detail"]["arn"].clone();
     assert_eq!(
         sh[0].json(),
@@ -350,11 +491,25 @@ async fn ignore_suppresses_the_finding_and_closes_the_ticket() {
         })
     );
     let sn = only(v.servicenow.requests(), 2, "ServiceNow open + close");
-    assert_eq!(sn[1].method, "PATCH");
+    assert_eq!(
+        (sn[1].method.as_str(), sn[1].path.as_str()),
+        (
+            "PATCH",
+            format!("/api/now/table/incident/{SYS_ID}").as_str()
+        )
+    );
+    assert_eq!(
+        sn[1].query_pairs(),
+        vec![(
+            "sysparm_fields".into(),
+            "sys_id,number,state,closed_at,sys_updated_on".into()
+        )]
+    );
     assert_eq!(
         sn[1].json(),
         json!({"state": "7", "close_code": "Closed/Resolved by Caller", "close_notes": "Ignored by secadmin@example.com."})
     );
+    check_slack_update(&v, &r, &run_id, "ignore by secadmin@example.com").await;
     only(v.panos.requests(), 0, "no firewall change on Ignore");
     only(v.entra.requests(), 0, "no user change on Ignore");
 }
@@ -374,8 +529,14 @@ async fn with_no_answer_the_default_ignore_is_taken_at_expiry() {
     );
     let sn = only(v.servicenow.requests(), 2, "ServiceNow open + close");
     assert_eq!(sn[1].json()["close_notes"], json!("Ignored by expiry."));
-    only(v.securityhub.requests(), 1, "Security Hub suppressed");
+    let sh = only(v.securityhub.requests(), 1, "Security Hub suppressed");
+    assert_eq!(
+        sh[0].json()["Note"],
+        json!({"Text": format!("Ignored by expiry (Riposte run {run_id})."), "UpdatedBy": "riposte"})
+    );
     only(v.panos.requests(), 0, "no block");
+    only(v.entra.requests(), 0, "no user change");
+    check_slack_update(&v, &r, &run_id, "No answer in 4 hours: ignored").await;
     let (status, html) = post_link(&r, &block, None).await;
     assert_eq!(status, 410, "an expired link is gone: {html}");
 }
@@ -422,7 +583,7 @@ async fn a_run_keeps_the_playbook_version_it_started_with() {
         .iter_mut()
         .find(|s| s["id"] == "close_ticket")
         .unwrap();
-    close["with"]["json"]["close_notes"] = json!("CHANGED");
+    close["with"]["close_notes"] = json!("CHANGED");
     let (status, out) = r
         .call(
             "PUT",

@@ -30,7 +30,7 @@ fn text(o: &Output) -> String {
 fn validate_accepts_the_examples_and_names_file_step_and_field_of_a_mistake() {
     let o = riposte(&["validate"], None);
     assert!(o.status.success(), "{}", text(&o));
-    assert!(text(&o).contains("ok  infra/playbooks/block-or-ignore-malicious-ip.yaml (playbook block-or-ignore-malicious-ip, 8 steps)"));
+    assert!(text(&o).contains("ok  infra/playbooks/block-or-ignore-malicious-ip.yaml (playbook block-or-ignore-malicious-ip, 9 steps)"));
     let dir = tempfile::tempdir().unwrap();
     let bad = dir.path().join("bad.yaml");
     std::fs::write(&bad, "id: bad\nname: Bad\nsteps:\n  - id: a\n    action: http.request\n    with: { connection: servicenow, method: GET, path: /x, bodyy: 1 }\n").unwrap();
@@ -57,18 +57,13 @@ fn validate_accepts_the_examples_and_names_file_step_and_field_of_a_mistake() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dry_run_prints_every_request_and_sends_none() {
-    // Connections pointing at a live vendor: the dry run must not reach it.
+    // The firewall (a host the customer names, so any host) pointing at a live stand-in: the
+    // dry run must not reach it. The other connections keep their vendors' hosts.
     let vendor = Vendor::start("any", |_| (200, serde_json::json!({}))).await;
     let dir = tempfile::tempdir().unwrap();
     let conns = std::fs::read_to_string(repo().join("infra/connections.yaml")).unwrap();
-    let conns: String = conns
-        .lines()
-        .map(|l| match l.trim_start().strip_prefix("base_url: ") {
-            Some(_) => format!("    base_url: {}", vendor.url),
-            None => l.to_string(),
-        })
-        .collect::<Vec<_>>()
-        .join("\n");
+    assert!(conns.contains("base_url: https://firewall.example.com"));
+    let conns = conns.replace("https://firewall.example.com", &vendor.url);
     let conn_file = dir.path().join("connections.yaml");
     std::fs::write(&conn_file, conns).unwrap();
     let o = tokio::task::spawn_blocking(move || {
@@ -79,7 +74,7 @@ async fn a_dry_run_prints_every_request_and_sends_none() {
                 "--event",
                 "events/guardduty-malicious-ip-caller.json",
                 "--choice",
-                "ignore",
+                "block",
                 "--responses",
                 "events/responses/block-or-ignore.json",
                 "--connections",
@@ -92,22 +87,49 @@ async fn a_dry_run_prints_every_request_and_sends_none() {
     .unwrap();
     let out = text(&o);
     assert!(o.status.success(), "{out}");
-    assert!(
-        out.contains(&format!("#1 POST {}/api/now/table/incident", vendor.url)),
+    let requests: Vec<&str> = out.lines().filter(|l| l.starts_with('#')).collect();
+    let sn = "https://example.service-now.com/api/now/table/incident";
+    let graph = "https://graph.microsoft.com/v1.0/users/alice%40example.com";
+    assert_eq!(
+        requests,
+        [
+            format!("#1 POST {sn}?sysparm_fields=sys_id%2Cnumber%2Cstate%2Csys_created_on"),
+            "#2 POST https://slack.com/api/chat.postMessage".to_string(),
+            "#3 POST https://email.us-east-1.amazonaws.com/v2/email/outbound-emails".to_string(),
+            "#4 POST https://slack.com/api/chat.postMessage".to_string(),
+            format!("#5 POST {}/api/", vendor.url),
+            format!("#6 PATCH {graph}"),
+            "#7 POST https://slack.com/api/chat.update".to_string(),
+            format!("#8 POST {graph}/revokeSignInSessions"),
+            format!(
+                "#9 PATCH {sn}/9d385017c611228701d22104cc95c371?sysparm_fields=sys_id%2Cnumber%2Cstate%2Cresolved_at%2Csys_updated_on"
+            ),
+        ],
         "{out}"
     );
     assert!(
-        out.contains(&format!("#5 POST {}/findings/batchupdate", vendor.url)),
-        "{out}"
-    );
-    assert!(
-        out.contains("== 6 request(s) would be sent; none was."),
+        out.contains("== 9 request(s) would be sent; none was."),
         "{out}"
     );
     assert!(
         out.contains("auth: basic, user `riposte`, password from secret `servicenow-password`"),
         "{out}"
     );
+    assert!(
+        out.contains("auth: API key in header X-PAN-KEY from secret `panos-api-key`"),
+        "{out}"
+    );
+    assert!(
+        out.contains(
+            r#"<entry ip=\"198.51.100.23\"><tag><member timeout=\"0\">riposte-blocked</member>"#
+        ),
+        "the PAN-OS register command: {out}"
+    );
+    assert!(
+        out.contains("block by netadmin@example.com at 2026-01-01T00:00:00Z."),
+        "the Slack question's update: {out}"
+    );
+    assert!(out.contains("status succeeded"), "{out}");
     assert!(vendor.requests().is_empty(), "a dry run sends nothing");
 }
 
@@ -188,9 +210,9 @@ async fn the_tour_send_runs_approve_and_show() {
             .as_array()
             .unwrap()
             .iter()
-            .find(|m| m["connection"] == "sendgrid")
+            .find(|m| m["connection"] == "email")
             .and_then(|m| {
-                m["body"]["content"][0]["value"]
+                m["body"]["Content"]["Simple"]["Body"]["Text"]["Data"]
                     .as_str()?
                     .lines()
                     .find_map(|l| l.strip_prefix("Block: "))
@@ -257,4 +279,29 @@ async fn the_tour_send_runs_approve_and_show() {
     );
     assert!(shown.contains("suppress_finding       skipped"), "{shown}");
     assert!(shown.contains("approval_answered"), "{shown}");
+    // The sandbox answered each vendor's request as the vendor would: the firewall's XML was a
+    // success, and the Slack question was updated with who decided.
+    assert!(shown.contains("\"already_registered\":false"), "{shown}");
+    let outbox: serde_json::Value = http
+        .get(format!("{url}/sandbox"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let update = outbox
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["connection"] == "slack" && m["path"] == "/api/chat.update")
+        .unwrap_or_else(|| panic!("no chat.update in {outbox}"));
+    assert_eq!(update["body"]["channel"], "C0SOCALERTS", "{update}");
+    assert!(
+        update["body"]["text"]
+            .as_str()
+            .unwrap()
+            .starts_with("block by netadmin@example.com at "),
+        "{update}"
+    );
 }

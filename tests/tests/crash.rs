@@ -1,7 +1,8 @@
 //! `riposte serve` killed with `kill -9` in the middle of runs, again and again, then started
 //! again: every accepted run finishes, and no step transition happens twice. Side effects are at
 //! least once: a call is repeated only when the process died while it was in flight, and then it
-//! carries the same idempotency key.
+//! carries the same idempotency key, where each vendor takes one (the `Idempotency-Key` header of
+//! `http.request`, the signed webhook's `X-Riposte-Delivery`, PagerDuty's `dedup_key`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -23,8 +24,8 @@ steps:
   - id: each
     needs: [first]
     for_each: input.items
-    action: http.request
-    with: { connection: counter, method: POST, path: "/each/${{ run.id }}/${{ item }}" }
+    action: webhook.post
+    with: { path: "each-${{ run.id }}-${{ item }}", body: { item: "${{ item }}" } }
   - id: left
     needs: [first]
     action: http.request
@@ -34,12 +35,44 @@ steps:
     set: { side: right }
   - id: join
     needs: [each, left, right]
-    action: http.request
-    with: { connection: counter, method: POST, path: "/join/${{ run.id }}" }
+    action: pagerduty.trigger
+    with: { summary: "join ${{ run.id }}", source: riposte, severity: info }
   - id: last
     needs: [join]
     set: { done: true }
 "#;
+
+/// Where each call carries its idempotency key (`run:step:iteration`): `http.request` in the
+/// `Idempotency-Key` header, the signed webhook in `X-Riposte-Delivery`, PagerDuty as the
+/// event's `dedup_key`. Returns the call's logical path (`/each/RUN/ITEM`) and its key.
+fn call_and_key(r: &riposte_tests::Recorded) -> (String, String) {
+    if r.path == "/v2/enqueue" {
+        let body = r.json();
+        assert_eq!(body["routing_key"], "pd-test-routing-key", "{body}");
+        let run = body["payload"]["summary"]
+            .as_str()
+            .and_then(|s| s.strip_prefix("join "))
+            .unwrap_or_else(|| panic!("{body}"));
+        let key = body["dedup_key"].as_str().unwrap_or_default().to_string();
+        return (format!("/join/{run}"), key);
+    }
+    if let Some(rest) = r.path.strip_prefix("/each-") {
+        let (run, item) = rest.split_once('-').unwrap();
+        assert!(
+            r.header("x-riposte-signature")
+                .is_some_and(|s| s.starts_with("sha256=")),
+            "{r:?}"
+        );
+        assert_eq!(r.header("idempotency-key"), None, "{r:?}");
+        let key = r
+            .header("x-riposte-delivery")
+            .unwrap_or_default()
+            .to_string();
+        return (format!("/each/{run}/{item}"), key);
+    }
+    let key = r.header("idempotency-key").unwrap_or_default().to_string();
+    (r.path.clone(), key)
+}
 
 struct Server {
     child: Child,
@@ -58,6 +91,11 @@ impl Server {
                 format!("{OPERATOR_KEY}:olivia:operator"),
             )
             .env("RIPOSTE_LOG", "warn")
+            .env("RIPOSTE_SECRET_WEBHOOK_SECRET", "webhook-test-secret")
+            .env(
+                "RIPOSTE_SECRET_PAGERDUTY_ROUTING_KEY",
+                "pd-test-routing-key",
+            )
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -96,7 +134,15 @@ async fn runs(http: &reqwest::Client, url: &str, ids: &[String]) -> Vec<Run> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_mid_run_it_finishes_every_run_once_restarted() {
     // A slow vendor keeps calls in flight when the kills land.
-    let counter = Vendor::start_slow("counter", Duration::from_millis(25), |_| {
+    let counter = Vendor::start_slow("counter", Duration::from_millis(25), |r| {
+        if r.path == "/v2/enqueue" {
+            // PagerDuty's Events API v2 answer.
+            let key = r.json()["dedup_key"].clone();
+            return (
+                202,
+                json!({"status": "success", "message": "Event processed", "dedup_key": key}),
+            );
+        }
         (200, json!({"ok": true}))
     })
     .await;
@@ -106,8 +152,16 @@ async fn killed_mid_run_it_finishes_every_run_once_restarted() {
     std::fs::write(
         dir.path().join("infra/connections.yaml"),
         format!(
-            "connections:\n  counter: {{ base_url: \"{}\" }}\n",
-            counter.url
+            "connections:
+  counter: {{ base_url: \"{url}\" }}
+  webhook:
+    base_url: \"{url}\"
+    auth: {{ type: hmac, secret: {{ secret: webhook-secret }} }}
+  pagerduty:
+    base_url: \"{url}\"
+    auth: {{ type: json_body_key, member: routing_key, key: {{ secret: pagerduty-routing-key }} }}
+",
+            url = counter.url
         ),
     )
     .unwrap();
@@ -174,10 +228,8 @@ async fn killed_mid_run_it_finishes_every_run_once_restarted() {
     let requests = counter.requests();
     let mut by_path: HashMap<String, Vec<String>> = HashMap::new();
     for r in &requests {
-        by_path
-            .entry(r.path.clone())
-            .or_default()
-            .push(r.header("idempotency-key").unwrap_or("").to_string());
+        let (call, key) = call_and_key(r);
+        by_path.entry(call).or_default().push(key);
     }
     let mut repeated = 0;
     for run in &finished {
@@ -222,25 +274,27 @@ async fn killed_mid_run_it_finishes_every_run_once_restarted() {
         }
         let items = run.input["items"].as_array().unwrap();
         let mut paths = vec![
-            format!("/first/{}", run.id),
-            format!("/left/{}", run.id),
-            format!("/join/{}", run.id),
+            (format!("/first/{}", run.id), format!("{}:first:0", run.id)),
+            (format!("/left/{}", run.id), format!("{}:left:0", run.id)),
+            (format!("/join/{}", run.id), format!("{}:join:0", run.id)),
         ];
-        paths.extend(
-            items
-                .iter()
-                .map(|it| format!("/each/{}/{}", run.id, it.as_str().unwrap())),
-        );
-        for p in paths {
+        paths.extend(items.iter().enumerate().map(|(i, it)| {
+            (
+                format!("/each/{}/{}", run.id, it.as_str().unwrap()),
+                format!("{}:each:{i}", run.id),
+            )
+        }));
+        for (p, key) in paths {
             let keys = by_path
                 .get(&p)
                 .unwrap_or_else(|| panic!("{p} was never called"));
+            // Every call, and every repeat of it, carries the key of its step iteration.
+            assert!(
+                keys.iter().all(|k| k == &key),
+                "{p}: each call carries the idempotency key {key}: {keys:?}"
+            );
             if keys.len() > 1 {
                 repeated += keys.len() - 1;
-                assert!(
-                    keys.iter().all(|k| k == &keys[0]),
-                    "a repeated call carries the same idempotency key: {keys:?}"
-                );
                 let step = p.split('/').nth(1).unwrap();
                 assert!(
                     run.history

@@ -437,6 +437,7 @@ async fn each_function_binary_answers_its_sample_under_cargo_lambda_watch() {
         }
     }
     let message = message.expect("a step message on the queue");
+    let step: Value = serde_json::from_str(message.body.as_deref().unwrap_or_default()).unwrap();
     let out = emu
         .invoke(&http, "step-worker", &sqs_event(&message), LATER_CALL)
         .await;
@@ -445,6 +446,25 @@ async fn each_function_binary_answers_its_sample_under_cargo_lambda_watch() {
         v.servicenow.requests().len(),
         1,
         "the step (open_ticket, the first of both playbooks) called ServiceNow once"
+    );
+    // With the password from Secrets Manager, correlated by the step's idempotency key.
+    let open = &v.servicenow.requests()[0];
+    assert_eq!(
+        (open.method.as_str(), open.path.as_str()),
+        ("POST", "/api/now/table/incident")
+    );
+    assert_eq!(
+        open.header("authorization"),
+        Some("Basic cmlwb3N0ZTpzbi10ZXN0LXBhc3N3b3Jk"),
+        "riposte:sn-test-password"
+    );
+    assert_eq!(
+        open.json()["correlation_id"],
+        json!(format!(
+            "{}:open_ticket:0",
+            step["run_id"].as_str().unwrap()
+        )),
+        "{step}"
     );
     sqs.delete_message()
         .queue_url(&queue)

@@ -941,3 +941,29 @@ fn the_deployed_indexes_copy_what_the_store_reads() {
     assert_eq!(attributes("gsi1"), riposte_aws::table::GSI1_ATTRIBUTES);
     assert_eq!(attributes("gsi2"), riposte_aws::table::GSI2_ATTRIBUTES);
 }
+
+/// An HTTP call never outlives the function that makes it: every shipped operation's requests,
+/// each capped at `MAX_HTTP_TIMEOUT_MS` (token fetch included), end before the step worker's
+/// timeout (a batch's messages run at once, so the batch takes as long as its slowest).
+#[test]
+fn http_timeouts_are_shorter_than_the_step_workers() {
+    let t = Template::load();
+    let (id, f) = t.function("step-worker");
+    let timeout_s = t
+        .property(f, "Timeout")
+        .and_then(number)
+        .unwrap_or_else(|| panic!("{id} has no Timeout"));
+    let catalog = riposte_core::connector::ConnectorCatalog::shipped();
+    let most_requests = catalog
+        .connectors()
+        .flat_map(|c| c.operations.values())
+        .map(|op| op.requests.len() as u64)
+        .max()
+        .unwrap();
+    let worst_ms = most_requests * riposte_core::http::MAX_HTTP_TIMEOUT_MS;
+    assert!(
+        worst_ms + 10_000 <= timeout_s * 1000,
+        "{most_requests} requests of {} ms each leave less than 10 s of the step worker's {timeout_s} s",
+        riposte_core::http::MAX_HTTP_TIMEOUT_MS
+    );
+}

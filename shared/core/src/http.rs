@@ -120,6 +120,10 @@ pub struct Connection {
 fn default_auth() -> Auth {
     Auth::None
 }
+/// No HTTP call waits longer than this (token fetch included), whatever a connection or step
+/// says: the step worker's Lambda timeout (60 s) must outlast an operation's requests.
+pub const MAX_HTTP_TIMEOUT_MS: u64 = 15_000;
+
 fn default_timeout_ms() -> u64 {
     10_000
 }

@@ -605,7 +605,8 @@ impl HttpSender for ReqwestSender {
     ) -> Result<HttpResponse, HttpError> {
         let timeout_ms = request
             .timeout_ms
-            .map_or(connection.timeout_ms, |t| t.min(connection.timeout_ms));
+            .map_or(connection.timeout_ms, |t| t.min(connection.timeout_ms))
+            .min(riposte_core::http::MAX_HTTP_TIMEOUT_MS);
         let mut scrub = Scrubber::default();
         let outcome = tokio::time::timeout(
             Duration::from_millis(timeout_ms),

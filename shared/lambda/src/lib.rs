@@ -163,45 +163,59 @@ pub async fn on_messages(
     event: SqsEvent,
     max_receives: u32,
 ) -> SqsBatchResponse {
+    // The messages of a batch are handled at once: the batch then takes as long as its slowest
+    // message, never the sum, so one slow vendor cannot run the function out of time.
+    let outcomes = futures_util::future::join_all(
+        event
+            .records
+            .into_iter()
+            .map(|record| on_message(service, record, max_receives)),
+    )
+    .await;
     let mut response = SqsBatchResponse::default();
-    for record in event.records {
-        let id = record.message_id.clone().unwrap_or_default();
-        let body = record.body.clone().unwrap_or_default();
-        let msg: StepMessage = match serde_json::from_str(&body) {
-            Ok(m) => m,
-            Err(e) => {
-                // It can never succeed: acknowledge it instead of feeding a retry storm.
-                tracing::error!(message = "Unreadable step message dropped.", message_id = %id, error = %e);
-                continue;
-            }
-        };
-        let receives: u32 = record
-            .attributes
-            .get("ApproximateReceiveCount")
-            .and_then(|n| n.parse().ok())
-            .unwrap_or(1);
-        let failed = match service.handle(&msg).await {
-            Ok(Handled::Done) => None,
-            Ok(Handled::Retry { reason, .. }) => Some(reason),
-            Err(e) => Some(e.to_string()),
-        };
-        if let Some(reason) = failed {
-            if receives >= max_receives {
-                let reason = format!(
-                    "step `{}` failed on all {max_receives} deliveries: {reason}",
-                    msg.step
-                );
-                tracing::error!(message = "Step message goes to the dead-letter queue; its run is failed.", run_id = %msg.run_id, %reason);
-                if let Err(e) = service.fail_run(&msg.run_id, &reason).await {
-                    tracing::error!(message = "Failing the run failed.", run_id = %msg.run_id, error = %e);
-                }
-            }
-            let mut f = BatchItemFailure::default();
-            f.item_identifier = id;
-            response.batch_item_failures.push(f);
+    response.batch_item_failures = outcomes.into_iter().flatten().collect();
+    response
+}
+
+/// One message of a batch: `Some(failure)` when it must be delivered again.
+async fn on_message(
+    service: &Service,
+    record: aws_lambda_events::sqs::SqsMessage,
+    max_receives: u32,
+) -> Option<BatchItemFailure> {
+    let id = record.message_id.clone().unwrap_or_default();
+    let body = record.body.clone().unwrap_or_default();
+    let msg: StepMessage = match serde_json::from_str(&body) {
+        Ok(m) => m,
+        Err(e) => {
+            // It can never succeed: acknowledge it instead of feeding a retry storm.
+            tracing::error!(message = "Unreadable step message dropped.", message_id = %id, error = %e);
+            return None;
+        }
+    };
+    let receives: u32 = record
+        .attributes
+        .get("ApproximateReceiveCount")
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(1);
+    let reason = match service.handle(&msg).await {
+        Ok(Handled::Done) => return None,
+        Ok(Handled::Retry { reason, .. }) => reason,
+        Err(e) => e.to_string(),
+    };
+    if receives >= max_receives {
+        let reason = format!(
+            "step `{}` failed on all {max_receives} deliveries: {reason}",
+            msg.step
+        );
+        tracing::error!(message = "Step message goes to the dead-letter queue; its run is failed.", run_id = %msg.run_id, %reason);
+        if let Err(e) = service.fail_run(&msg.run_id, &reason).await {
+            tracing::error!(message = "Failing the run failed.", run_id = %msg.run_id, error = %e);
         }
     }
-    response
+    let mut f = BatchItemFailure::default();
+    f.item_identifier = id;
+    Some(f)
 }
 
 /// The header the HTTP function sets from API Gateway's verified IAM caller; any value a client

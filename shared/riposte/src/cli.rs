@@ -282,7 +282,8 @@ pub fn validate(paths: Vec<PathBuf>, connections: Option<PathBuf>) -> Result<()>
             files.extend(
                 yaml_files(p)?
                     .into_iter()
-                    .filter(|f| !f.ends_with("connections.yaml")),
+                    // Checked on their own below.
+                    .filter(|f| !f.ends_with("connections.yaml") && !f.ends_with("guards.yaml")),
             );
         } else {
             files.push(p.clone());

@@ -44,6 +44,10 @@ impl Scrubber {
         self.values.sort_by_key(|v| std::cmp::Reverse(v.len()));
     }
 
+    pub(crate) fn is_empty(&self) -> bool {
+        self.values.is_empty()
+    }
+
     pub(crate) fn scrub(&self, text: &str) -> String {
         let mut out = text.to_owned();
         for v in &self.values {

@@ -297,14 +297,20 @@ impl ReqwestSender {
 
         if status.is_success() || status.is_redirection() || request.any_status {
             let cap = connection.max_response_bytes;
-            let headers = response_headers(response.headers());
+            let mut headers = response_headers(response.headers());
+            if !scrub.is_empty() {
+                for v in headers.values_mut() {
+                    *v = scrub.scrub(v);
+                }
+            }
             let bytes = read_capped(&mut response, cap)
                 .await
                 .map_err(|e| e.into_http_error(&label, cap))?;
-            let body = if status.is_success() {
+            // A body may echo what was sent (an error quoting the request, an echo endpoint):
+            // credentials are scrubbed before anyone reads it or it reaches the run history.
+            let body = if scrub.is_empty() {
                 parse_body(&bytes)
             } else {
-                // An error body may echo what was sent: it is scrubbed before anyone reads it.
                 parse_body(scrub.scrub(&String::from_utf8_lossy(&bytes)).as_bytes())
             };
             return Ok(HttpResponse {

@@ -80,6 +80,9 @@ pub fn event(name: &str) -> Value {
         .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
 }
 
+/// The signing secret of the test Riposte's `edr` alert webhook (`POST /webhooks/edr`).
+pub const WEBHOOK_SECRET: &str = "edr-webhook-test-secret";
+
 /// The Slack signing secret of the test Riposte (`Riposte::start`).
 pub const SLACK_SIGNING_SECRET: &str = "slack-test-signing-secret";
 
@@ -340,6 +343,16 @@ impl Riposte {
             slack: Some(Arc::new(riposte_core::slack::SlackVerifier::new(
                 SLACK_SIGNING_SECRET,
             ))),
+            webhooks: Arc::new(
+                [(
+                    "edr".to_string(),
+                    riposte_core::callback::CallbackVerifier::new(
+                        riposte_core::callback::Scheme::Riposte,
+                        WEBHOOK_SECRET,
+                    ),
+                )]
+                .into(),
+            ),
         });
         tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;

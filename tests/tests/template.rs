@@ -701,24 +701,19 @@ fn approval_routes_are_public_and_the_rest_is_iam() {
             };
         }
     }
-    let approvals: BTreeSet<_> = [
-        ("GET", "/approvals/{token}"),
-        ("POST", "/approvals/{token}"),
-        ("POST", "/slack/interactions"),
+    let signed: BTreeSet<_> = [
+        ("approval-response", "GET", "/approvals/{token}"),
+        ("approval-response", "POST", "/approvals/{token}"),
+        ("approval-response", "POST", "/slack/interactions"),
+        ("manual-run", "POST", "/webhooks/{name}"),
     ]
     .into_iter()
-    .map(|(m, p)| {
-        (
-            "approval-response".to_string(),
-            m.to_string(),
-            p.to_string(),
-        )
-    })
+    .map(|(f, m, p)| (f.to_string(), m.to_string(), p.to_string()))
     .collect();
     assert_eq!(
-        public, approvals,
-        "only the approval links (authorized by their signed token) and Slack's callbacks \
-         (by the signing secret) are public"
+        public, signed,
+        "only the approval links (authorized by their signed token), Slack's callbacks and the \
+         alert webhooks (by their HMAC signature) are public"
     );
     assert!(
         iam.iter().all(|(binary, _, _)| binary == "manual-run"),

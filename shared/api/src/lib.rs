@@ -19,6 +19,7 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use riposte_core::callback::{CallbackVerifier, Scheme};
 use riposte_core::playbook::{self, Problems};
 use riposte_core::rule::Rule;
 use riposte_core::run::RunStatus;
@@ -120,6 +121,8 @@ pub struct AppState {
     pub auth: Arc<dyn Authenticator>,
     /// Verifies Slack's interactivity callbacks; `None` when no signing secret is configured.
     pub slack: Option<Arc<SlackVerifier>>,
+    /// Signed alert webhooks, by name (`POST /webhooks/{name}`).
+    pub webhooks: Arc<HashMap<String, CallbackVerifier>>,
 }
 
 /// An error answered as JSON: `{"error": "...", "problems": [...]}` with its status.
@@ -166,6 +169,34 @@ pub fn slack_from_env() -> Option<Arc<SlackVerifier>> {
         .map(|s| Arc::new(SlackVerifier::new(s.trim())))
 }
 
+/// Alert webhooks from `RIPOSTE_WEBHOOKS`: `name=secret` pairs (comma- or newline-separated),
+/// each declaring `POST /webhooks/<name>` signed with that shared secret.
+pub fn webhooks_from_env() -> Arc<HashMap<String, CallbackVerifier>> {
+    Arc::new(parse_webhooks(
+        &std::env::var("RIPOSTE_WEBHOOKS").unwrap_or_default(),
+    ))
+}
+
+/// Parses `name=secret` pairs; pairs with an invalid name or an empty secret are skipped (and
+/// logged, without the secret).
+pub fn parse_webhooks(spec: &str) -> HashMap<String, CallbackVerifier> {
+    spec.split([',', '\n'])
+        .filter(|p| !p.trim().is_empty())
+        .filter_map(|pair| {
+            let (name, secret) = pair.split_once('=').unwrap_or((pair, ""));
+            let name = name.trim();
+            if !riposte_core::event::valid_webhook_name(name) || secret.trim().is_empty() {
+                tracing::warn!(message = "RIPOSTE_WEBHOOKS entry skipped: expected name=secret with a name of [a-z0-9_-].", name = %name.chars().take(64).collect::<String>());
+                return None;
+            }
+            Some((
+                name.to_string(),
+                CallbackVerifier::new(Scheme::Riposte, secret.trim()),
+            ))
+        })
+        .collect()
+}
+
 /// The router every host serves.
 pub fn router(state: AppState) -> Router {
     Router::new()
@@ -181,6 +212,7 @@ pub fn router(state: AppState) -> Router {
             get(approval_page).post(approval_decide),
         )
         .route("/slack/interactions", post(slack_interaction))
+        .route("/webhooks/{name}", post(post_webhook))
         .route("/playbooks", get(list_playbooks))
         .route(
             "/playbooks/{id}",
@@ -218,6 +250,43 @@ async fn post_event(
         ))));
     }
     let event = parse_json(&body, "the event")?;
+    let out = s.service.ingest_event(&event).await?;
+    Ok((StatusCode::ACCEPTED, Json(out)).into_response())
+}
+
+/// An alert another tool posts, signed with the webhook's secret (`X-Riposte-Timestamp`,
+/// `X-Riposte-Signature: sha256=HMAC(secret, "<timestamp>.<body>")`): no API key, the signature
+/// authorizes it (5-minute window, constant-time compare, replay cache).
+async fn post_webhook(
+    State(s): State<AppState>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let Some(verifier) = s.webhooks.get(&name) else {
+        return Err(ApiError(Error::NotFound(format!(
+            "no webhook `{name}` (declare it in RIPOSTE_WEBHOOKS as {name}=SECRET)"
+        ))));
+    };
+    let header = |n: &str| headers.get(n).and_then(|v| v.to_str().ok());
+    let (ts, sig) = Scheme::Riposte.headers();
+    if let Err(e) = verifier.verify(header(ts), header(sig), &body, s.service.deps().clock.now()) {
+        tracing::warn!(message = "Webhook refused.", webhook = %name, reason = %e);
+        return Ok((
+            StatusCode::UNAUTHORIZED,
+            Json(json!({"error": format!("webhook `{name}`: {e}")})),
+        )
+            .into_response());
+    }
+    if body.len() > riposte_core::event::MAX_EVENT_BYTES {
+        return Err(ApiError(Error::TooLarge(format!(
+            "alert is {} bytes; the limit is {}",
+            body.len(),
+            riposte_core::event::MAX_EVENT_BYTES
+        ))));
+    }
+    let alert = parse_json(&body, "the alert")?;
+    let event = riposte_core::event::webhook::envelope(&name, alert);
     let out = s.service.ingest_event(&event).await?;
     Ok((StatusCode::ACCEPTED, Json(out)).into_response())
 }

@@ -2,6 +2,7 @@
 //! state machine. No runtime, no network, no clock: all of that comes in through [`ports`].
 
 pub mod approval;
+pub mod callback;
 pub mod connector;
 pub mod engine;
 pub mod event;

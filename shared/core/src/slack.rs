@@ -6,45 +6,12 @@
 //! before. The button's value is the approval link's signed token, so the decision then goes
 //! through the same checks as a link (approvers, expiry, single use).
 
-use std::collections::HashMap;
-use std::fmt;
-use std::sync::Mutex;
-
-use hmac::{Hmac, KeyInit, Mac};
 use serde_json::Value;
-use sha2::Sha256;
 
 use crate::model::Millis;
 
-/// How far a callback's timestamp may be from now (Slack's recommendation).
-pub const WINDOW_SECS: i64 = 300;
-/// Signatures remembered for replay detection, at most (older ones are dropped first).
-const REPLAY_CACHE_MAX: usize = 100_000;
-
-/// Checks Slack's request signatures. Holds the signing secret; never prints it.
-pub struct SlackVerifier {
-    secret: Vec<u8>,
-    seen: Mutex<HashMap<String, Millis>>,
-}
-
-impl fmt::Debug for SlackVerifier {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("SlackVerifier([REDACTED])")
-    }
-}
-
-/// Why a callback was refused.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum Refused {
-    #[error("missing {0} header")]
-    Missing(&'static str),
-    #[error("X-Slack-Request-Timestamp is not within {WINDOW_SECS} seconds of now")]
-    Stale,
-    #[error("X-Slack-Signature does not match the body")]
-    BadSignature,
-    #[error("this request was already received (replayed)")]
-    Replayed,
-}
+use crate::callback::{CallbackVerifier, Scheme};
+pub use crate::callback::{Refused, WINDOW_SECS};
 
 /// One button press: who pressed it and the token its value carries.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -54,12 +21,13 @@ pub struct Press {
     pub token: String,
 }
 
+/// Checks Slack's request signatures (`v0=` HMAC-SHA256 of `v0:<timestamp>:<body>`).
+#[derive(Debug)]
+pub struct SlackVerifier(CallbackVerifier);
+
 impl SlackVerifier {
     pub fn new(signing_secret: &str) -> SlackVerifier {
-        SlackVerifier {
-            secret: signing_secret.as_bytes().to_vec(),
-            seen: Mutex::new(HashMap::new()),
-        }
+        SlackVerifier(CallbackVerifier::new(Scheme::Slack, signing_secret))
     }
 
     /// Verifies one callback (headers' values and the raw body) at `now`.
@@ -70,37 +38,7 @@ impl SlackVerifier {
         body: &[u8],
         now: Millis,
     ) -> Result<(), Refused> {
-        let ts = timestamp.ok_or(Refused::Missing("X-Slack-Request-Timestamp"))?;
-        let sig = signature.ok_or(Refused::Missing("X-Slack-Signature"))?;
-        let secs: i64 = ts.trim().parse().map_err(|_| Refused::Stale)?;
-        if (now.div_euclid(1000) - secs).abs() > WINDOW_SECS {
-            return Err(Refused::Stale);
-        }
-        let hex_sig = sig.strip_prefix("v0=").ok_or(Refused::BadSignature)?;
-        let given = hex::decode(hex_sig).map_err(|_| Refused::BadSignature)?;
-        let mut mac =
-            <Hmac<Sha256> as KeyInit>::new_from_slice(&self.secret).expect("HMAC takes any key");
-        mac.update(b"v0:");
-        mac.update(ts.trim().as_bytes());
-        mac.update(b":");
-        mac.update(body);
-        // `verify_slice` compares in constant time.
-        mac.verify_slice(&given)
-            .map_err(|_| Refused::BadSignature)?;
-
-        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
-        let horizon = now - 2 * WINDOW_SECS * 1000;
-        if seen.len() >= REPLAY_CACHE_MAX {
-            seen.retain(|_, at| *at > horizon);
-        }
-        if seen.len() >= REPLAY_CACHE_MAX {
-            // Still full of fresh entries: refuse rather than forget one.
-            return Err(Refused::Replayed);
-        }
-        if seen.insert(hex_sig.to_ascii_lowercase(), now).is_some() {
-            return Err(Refused::Replayed);
-        }
-        Ok(())
+        self.0.verify(timestamp, signature, body, now)
     }
 }
 
@@ -137,6 +75,9 @@ pub fn presses(body: &[u8]) -> Result<Vec<Press>, String> {
 
 #[cfg(test)]
 mod tests {
+    use hmac::{Hmac, KeyInit, Mac};
+    use sha2::Sha256;
+
     use super::*;
 
     fn sign(secret: &str, ts: &str, body: &str) -> String {

@@ -303,6 +303,7 @@ pub fn http_app(service: Arc<Service>) -> axum::Router {
         service,
         auth: Arc::new(callers),
         slack: riposte_api::slack_from_env(),
+        webhooks: riposte_api::webhooks_from_env(),
     })
     .layer(axum::middleware::from_fn(caller_from_context))
 }

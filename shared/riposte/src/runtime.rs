@@ -435,6 +435,7 @@ pub async fn serve(cfg: LocalConfig) -> Result<()> {
         service: local.service.clone(),
         auth: Arc::new(api_keys(&cfg)?),
         slack: riposte_api::slack_from_env(),
+        webhooks: riposte_api::webhooks_from_env(),
     };
     let mut app = riposte_api::router(state);
     if cfg.demo {

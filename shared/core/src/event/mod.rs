@@ -7,6 +7,7 @@
 //! | `aws.securityhub` | `Security Hub Findings - Imported`, `Security Hub Findings - Custom Action` | one per finding         |
 //! | `aws.guardduty`   | `GuardDuty Finding`                                                         | one                     |
 //! | `aws.config`      | `Config Rules Compliance Change`                                            | one (a recommendation)  |
+//! | `webhook.<name>`  | `Riposte Alert` (a signed `POST /webhooks/<name>`, see [`webhook`])          | one                     |
 //!
 //! Anything else is [`Error::Unsupported`]. The normalizers are total over well-formed events:
 //! fields they do not know are ignored (the raw JSON is kept whole in [`Alert::raw`]), optional
@@ -26,6 +27,7 @@ use crate::model::{Alert, Entities};
 mod config;
 mod guardduty;
 mod securityhub;
+pub mod webhook;
 
 /// The largest event body [`normalize_bytes`] accepts (EventBridge's own limit).
 pub const MAX_EVENT_BYTES: usize = 256 * 1024;
@@ -89,11 +91,23 @@ pub fn normalize(event: &Value) -> Result<Vec<Alert>, Error> {
         ) => securityhub::normalize(&envelope, &detail),
         ("aws.guardduty", "GuardDuty Finding") => guardduty::normalize(event, &detail),
         ("aws.config", "Config Rules Compliance Change") => config::normalize(event, &detail),
+        (s, "Riposte Alert") if s.starts_with("webhook.") && valid_webhook_name(&s[8..]) => {
+            webhook::normalize(&s[8..], event, &detail)
+        }
         _ => Err(Error::Unsupported {
             source: source.to_string(),
             detail_type: detail_type.to_string(),
         }),
     }
+}
+
+/// A webhook's name: 1 to 64 of `[a-z0-9_-]`.
+pub fn valid_webhook_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
 }
 
 /// Same, from bytes (rejects bodies over [`MAX_EVENT_BYTES`] with [`Error::TooLarge`], invalid

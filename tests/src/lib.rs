@@ -141,7 +141,7 @@ pub fn text_body(content_type: &str, text: &str) -> Value {
 
 /// How a vendor answers a request: status and JSON body (`Value::Null` for an empty body; a
 /// [`text_body`] for text).
-pub type Responder = Arc<dyn Fn(&Recorded) -> (u16, Value) + Send + Sync>;
+pub type Responder = Arc<dyn Fn(&Recorded, &[Recorded]) -> (u16, Value) + Send + Sync>;
 
 /// A vendor API stand-in on 127.0.0.1.
 pub struct Vendor {
@@ -173,8 +173,13 @@ async fn record(State(st): State<VendorState>, req: Request) -> Response {
             .collect(),
         body: String::from_utf8_lossy(&bytes).into_owned(),
     };
-    let (status, body) = (st.respond)(&rec);
-    st.requests.lock().unwrap().push(rec);
+    let (status, body) = {
+        // The vendor's state is what it received before: a stateful stand-in reads it.
+        let mut requests = st.requests.lock().unwrap();
+        let answer = (st.respond)(&rec, &requests);
+        requests.push(rec);
+        answer
+    };
     if !st.delay.is_zero() {
         tokio::time::sleep(st.delay).await;
     }
@@ -211,10 +216,22 @@ impl Vendor {
         delay: Duration,
         respond: impl Fn(&Recorded) -> (u16, Value) + Send + Sync + 'static,
     ) -> Vendor {
+        Self::serve(name, delay, Arc::new(move |r, _| respond(r))).await
+    }
+
+    /// A vendor whose answer depends on what it received before (`earlier`, in arrival order).
+    pub async fn start_with_history(
+        name: &str,
+        respond: impl Fn(&Recorded, &[Recorded]) -> (u16, Value) + Send + Sync + 'static,
+    ) -> Vendor {
+        Self::serve(name, Duration::ZERO, Arc::new(respond)).await
+    }
+
+    async fn serve(name: &str, delay: Duration, respond: Responder) -> Vendor {
         let requests = Arc::new(Mutex::new(Vec::new()));
         let state = VendorState {
             requests: requests.clone(),
-            respond: Arc::new(respond),
+            respond,
             delay,
         };
         let app = axum::Router::new().fallback(record).with_state(state);

@@ -71,6 +71,32 @@ pub fn servicenow(r: &Recorded) -> (u16, Value) {
     }
 }
 
+/// ServiceNow as [`servicenow`], plus the Table API lookup the connector makes after a lost
+/// worker (`GET /api/now/table/incident?sysparm_query=correlation_id=KEY`): the incident an
+/// earlier create with that correlation id made, or none.
+pub fn servicenow_with_history(r: &Recorded, earlier: &[Recorded]) -> (u16, Value) {
+    if r.method == "GET" && r.path == "/api/now/table/incident" {
+        let query: std::collections::BTreeMap<String, String> =
+            r.query_pairs().into_iter().collect();
+        let key = query
+            .get("sysparm_query")
+            .and_then(|q| q.strip_prefix("correlation_id="))
+            .unwrap_or_default();
+        let created = earlier.iter().any(|e| {
+            e.method == "POST"
+                && e.path == "/api/now/table/incident"
+                && e.json()["correlation_id"] == key
+        });
+        let result = if created {
+            json!([{"sys_id": SYS_ID, "number": INCIDENT, "state": "1", "sys_created_on": "2026-01-01 00:00:00"}])
+        } else {
+            json!([])
+        };
+        return (200, json!({ "result": result }));
+    }
+    servicenow(r)
+}
+
 /// Slack's Web API: chat.postMessage answers the channel id and the message's ts (a question with
 /// blocks gets [`SLACK_TS_ASK`], a plain message [`SLACK_TS_POST`]); chat.update echoes them.
 pub fn slack(r: &Recorded) -> (u16, Value) {
@@ -165,7 +191,7 @@ pub fn securityhub(r: &Recorded) -> (u16, Value) {
 
 pub async fn vendors() -> Vendors {
     Vendors {
-        servicenow: Vendor::start("servicenow", servicenow).await,
+        servicenow: Vendor::start_with_history("servicenow", servicenow_with_history).await,
         slack: Vendor::start("slack", slack).await,
         email: Vendor::start("email", ses).await,
         panos: Vendor::start("panos", panos).await,

@@ -19,7 +19,7 @@ use serde::Deserialize;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-use riposte_core::connector::call::{CallResult, call};
+use riposte_core::connector::call::{CallResult, call, recover};
 use riposte_core::connector::{Connector, ConnectorCatalog};
 use riposte_core::http::Connection;
 use riposte_http::{
@@ -50,6 +50,9 @@ struct Case {
     inputs: Value,
     #[serde(default)]
     key: Option<String>,
+    /// Run the operation's `recover` lookup (as after a lost worker) instead of the call.
+    #[serde(default)]
+    recover: bool,
     exchanges: Vec<Exchange>,
     expect: Expect,
 }
@@ -376,7 +379,11 @@ async fn run_case(id: &str, file: &TestsFile, case: &Case) -> Result<(), String>
         ))))
         .with_signing_time(SystemTime::UNIX_EPOCH + Duration::from_secs(SIGNING_TIME_SECS));
     let key = case.key.clone().unwrap_or_else(|| "test-key".into());
-    let result = call(op, &case.inputs, &key, &connection, &sender).await;
+    let result = if case.recover {
+        recover(op, &case.inputs, &key, &connection, &sender, None).await
+    } else {
+        call(op, &case.inputs, &key, &connection, &sender).await
+    };
     server.abort();
 
     let mut problems: Vec<String> = standin.problems.lock().unwrap().clone();
@@ -407,7 +414,7 @@ async fn run_case(id: &str, file: &TestsFile, case: &Case) -> Result<(), String>
                 message,
             },
         )
-        | ("retryable", CallResult::Unknown(message)) => {
+        | ("retryable" | "unknown", CallResult::Unknown(message)) => {
             if let Some(want) = &e.error_contains
                 && !message.contains(want.as_str())
             {

@@ -70,6 +70,16 @@ impl Signer {
         <HmacSha256 as KeyInit>::new_from_slice(&self.key).expect("HMAC takes any key length")
     }
 
+    /// The nonce of one issuance of an approval (`run/step/iteration/attempt`): unguessable
+    /// without the key, and the same when a lost worker's notification is sent again, so the
+    /// links of both messages stay valid. A retry (a new attempt) gets a new nonce.
+    pub fn nonce_for(&self, issuance: &str) -> String {
+        let mut mac = self.mac();
+        mac.update(b"approval-nonce:");
+        mac.update(issuance.as_bytes());
+        hex::encode(&mac.finalize().into_bytes()[..16])
+    }
+
     pub fn sign(&self, claims: &Claims) -> String {
         let body = B64.encode(serde_json::to_vec(claims).unwrap_or_default());
         let mut mac = self.mac();

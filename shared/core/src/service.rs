@@ -434,6 +434,9 @@ impl Service {
         for (rule_id, playbook_id) in matched {
             let pb = match self.latest_playbook(&playbook_id).await {
                 Ok(pb) => pb,
+                // The store failing is worth a retry (EventBridge redelivers the event): only a
+                // playbook that cannot run is skipped.
+                Err(e @ (Error::Unavailable(_) | Error::Conflict(_))) => return Err(e),
                 Err(e) => {
                     tracing::warn!(message = "Rule names a playbook that cannot run.", rule = %rule_id, playbook = %playbook_id, error = %e);
                     continue;
@@ -669,6 +672,22 @@ impl Service {
         match work {
             Work::Http(req) => self.send(req).await,
             Work::Call(c) => self.call(c).await,
+            Work::Recover(c) => match self.d.catalog.operation_named(&c.operation) {
+                Some(op) => match self.d.connections.get(&c.connection) {
+                    Some(conn) => crate::connector::call::recover(
+                        op,
+                        &c.inputs,
+                        &c.key,
+                        conn,
+                        self.d.http.as_ref(),
+                        c.timeout_ms,
+                    )
+                    .await
+                    .into_outcome(op.idempotent),
+                    None => Outcome::Unknown(format!("unknown connection `{}`", c.connection)),
+                },
+                None => Outcome::Unknown(format!("unknown operation `{}`", c.operation)),
+            },
             Work::Announce(_) => Outcome::Waiting,
             Work::Notify(list) => {
                 let mut sent = Vec::new();
@@ -841,7 +860,10 @@ impl Service {
         a: &crate::playbook::Approval,
         now: Millis,
     ) -> IssuedLinks {
-        let nonce = self.d.ids.nonce();
+        let nonce = self.d.signer.nonce_for(&format!(
+            "{}/{}/{}/{}",
+            msg.run_id, msg.step, msg.iteration, msg.attempt
+        ));
         let mut links = serde_json::Map::new();
         for choice in &a.choices {
             let token = self.d.signer.sign(&Claims {

@@ -48,6 +48,19 @@ impl Scrubber {
         self.values.is_empty()
     }
 
+    /// Like [`Scrubber::scrub`], for data a step reads (a successful answer): values shorter
+    /// than `min` are left alone, so a short secret cannot corrupt every answer it happens to
+    /// occur in. Errors use [`Scrubber::scrub`], which replaces every value.
+    pub(crate) fn scrub_at_least(&self, text: &str, min: usize) -> String {
+        let mut out = text.to_owned();
+        for v in self.values.iter().filter(|v| v.len() >= min) {
+            if out.contains(v.as_str()) {
+                out = out.replace(v.as_str(), REDACTED);
+            }
+        }
+        out
+    }
+
     pub(crate) fn scrub(&self, text: &str) -> String {
         let mut out = text.to_owned();
         for v in &self.values {

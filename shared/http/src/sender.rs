@@ -300,7 +300,7 @@ impl ReqwestSender {
             let mut headers = response_headers(response.headers());
             if !scrub.is_empty() {
                 for v in headers.values_mut() {
-                    *v = scrub.scrub(v);
+                    *v = scrub.scrub_at_least(v, MIN_SCRUBBED_IN_DATA);
                 }
             }
             let bytes = read_capped(&mut response, cap)
@@ -310,6 +310,9 @@ impl ReqwestSender {
             // credentials are scrubbed before anyone reads it or it reaches the run history.
             let body = if scrub.is_empty() {
                 parse_body(&bytes)
+            } else if status.is_success() {
+                let text = String::from_utf8_lossy(&bytes);
+                parse_body(scrub.scrub_at_least(&text, MIN_SCRUBBED_IN_DATA).as_bytes())
             } else {
                 parse_body(scrub.scrub(&String::from_utf8_lossy(&bytes)).as_bytes())
             };
@@ -633,6 +636,10 @@ impl HttpSender for ReqwestSender {
         })
     }
 }
+
+/// Credentials at least this long are scrubbed from successful answers (the data steps read);
+/// shorter ones only from errors, where a corrupted word costs nothing.
+const MIN_SCRUBBED_IN_DATA: usize = 8;
 
 /// `name (METHOD /path)`, escaped so it stays one line whatever the request holds.
 fn label(connection: &Connection, request: &HttpRequest) -> String {

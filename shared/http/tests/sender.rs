@@ -261,8 +261,16 @@ fn oauth_server(expires_in: u64) -> impl Fn(&common::Recorded, usize) -> Reply {
             200,
             json!({"access_token": format!("tok-{nth}"), "token_type": "Bearer", "expires_in": expires_in}),
         ),
-        _ => Reply::json(200, json!({"seen": r.header("authorization")})),
+        // Which token arrived, by its number: the token itself is a credential, scrubbed from
+        // any answer that echoes it.
+        _ => Reply::json(200, json!({"seen": seen_token(r)})),
     }
+}
+
+fn seen_token(r: &common::Recorded) -> String {
+    r.header("authorization")
+        .unwrap_or("")
+        .replace("Bearer tok-", "token #")
 }
 
 fn oauth_connection(server: &TestServer) -> riposte_core::http::Connection {
@@ -285,8 +293,8 @@ async fn oauth2_client_credentials_exact_form_and_cached_token() {
 
     let first = sender.send(&conn, &request("GET", "/api/a")).await.unwrap();
     let second = sender.send(&conn, &request("GET", "/api/b")).await.unwrap();
-    assert_eq!(first.body, json!({"seen": "Bearer tok-1"}));
-    assert_eq!(second.body, json!({"seen": "Bearer tok-1"}));
+    assert_eq!(first.body, json!({"seen": "token #1"}));
+    assert_eq!(second.body, json!({"seen": "token #1"}));
 
     let requests = server.requests();
     let paths: Vec<&str> = requests.iter().map(|r| r.path.as_str()).collect();
@@ -313,8 +321,8 @@ async fn oauth2_token_near_expiry_is_refetched() {
     let sender = sender(&[("oauth-secret", "s")]);
     let a = sender.send(&conn, &request("GET", "/api/a")).await.unwrap();
     let b = sender.send(&conn, &request("GET", "/api/b")).await.unwrap();
-    assert_eq!(a.body, json!({"seen": "Bearer tok-1"}));
-    assert_eq!(b.body, json!({"seen": "Bearer tok-2"}));
+    assert_eq!(a.body, json!({"seen": "token #1"}));
+    assert_eq!(b.body, json!({"seen": "token #2"}));
     assert_eq!(server.requests_to("/oauth/token"), 2);
 }
 
@@ -329,7 +337,7 @@ async fn oauth2_token_refetched_once_expired() {
     assert_eq!(server.requests_to("/oauth/token"), 1);
     tokio::time::sleep(Duration::from_millis(1200)).await;
     let c = sender.send(&conn, &request("GET", "/api/c")).await.unwrap();
-    assert_eq!(c.body, json!({"seen": "Bearer tok-2"}));
+    assert_eq!(c.body, json!({"seen": "token #2"}));
     assert_eq!(server.requests_to("/oauth/token"), 2);
 }
 
@@ -341,7 +349,7 @@ async fn oauth2_401_invalidates_the_cached_token() {
             json!({"access_token": format!("tok-{nth}"), "expires_in": 3600}),
         ),
         "/api/a" if nth == 1 => Reply::json(401, json!({"error": "invalid_token"})),
-        _ => Reply::json(200, json!({"seen": r.header("authorization")})),
+        _ => Reply::json(200, json!({"seen": seen_token(r)})),
     })
     .await;
     let conn = oauth_connection(&server);
@@ -350,7 +358,7 @@ async fn oauth2_401_invalidates_the_cached_token() {
     assert!(err.contains("HTTP 401"), "{err}");
     assert!(!err.contains("tok-1"), "{err}");
     let again = sender.send(&conn, &request("GET", "/api/a")).await.unwrap();
-    assert_eq!(again.body, json!({"seen": "Bearer tok-2"}));
+    assert_eq!(again.body, json!({"seen": "token #2"}));
     assert_eq!(server.requests_to("/oauth/token"), 2);
 }
 

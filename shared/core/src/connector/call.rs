@@ -178,6 +178,78 @@ impl CallResult {
     }
 }
 
+/// Finds out, by the call's key, whether a call whose worker was lost took effect: `Done` with
+/// the outputs when it did, a retryable failure when it did not (calling again is then safe: the
+/// lost worker's request ended long ago), `Unknown` when the operation has no lookup or the lookup
+/// itself failed.
+pub async fn recover(
+    op: &Operation,
+    inputs: &Value,
+    key: &str,
+    connection: &Connection,
+    http: &dyn HttpSender,
+    timeout_ms: Option<u64>,
+) -> CallResult {
+    let lost = format!(
+        "the worker was lost during `{}`, which must not be repeated blindly",
+        op.name
+    );
+    let Some(rec) = &op.recover else {
+        return CallResult::Unknown(format!("{lost}: check whether it took effect"));
+    };
+    let inputs = match complete_inputs(op, inputs) {
+        Ok(i) => Value::Object(i),
+        Err(message) => {
+            return CallResult::Failed {
+                message,
+                retryable: false,
+            };
+        }
+    };
+    let mut scope = Scope::new();
+    scope.set("inputs", &inputs);
+    scope.set("key", &Value::String(key.to_string()));
+    scope.set("responses", &json!({}));
+    let mut request = match render(&rec.request, &scope, &connection.name) {
+        Ok(r) => r,
+        Err(e) => return CallResult::Unknown(format!("{lost}; its lookup failed: {e}")),
+    };
+    request.timeout_ms = timeout_ms;
+    let response = match http.send(connection, &request).await {
+        Ok(r) => r,
+        Err(e) => return CallResult::Unknown(format!("{lost}; its lookup failed: {e}")),
+    };
+    scope.set("response", &response_value(&response));
+    let ok = match &rec.request.success {
+        Some(e) => e.eval_bool(&scope).unwrap_or(false),
+        None => (200..300).contains(&response.status),
+    };
+    if !ok {
+        return CallResult::Unknown(format!(
+            "{lost}; its lookup answered HTTP {}: {}",
+            response.status,
+            excerpt(&response.body)
+        ));
+    }
+    match rec.found.eval_bool(&scope) {
+        Ok(true) => {
+            let mut outputs = Map::new();
+            for (name, e) in &rec.outputs {
+                outputs.insert(name.clone(), e.eval(&scope).unwrap_or(Value::Null));
+            }
+            CallResult::Done(Value::Object(outputs))
+        }
+        Ok(false) => CallResult::Failed {
+            message: format!(
+                "the worker was lost during `{}`, and a lookup by its key found it was not made: calling again",
+                op.name
+            ),
+            retryable: true,
+        },
+        Err(e) => CallResult::Unknown(format!("{lost}; its lookup could not be read: {e}")),
+    }
+}
+
 /// Runs one operation through `connection`. `key` is the idempotency key of this step iteration.
 pub async fn call(
     op: &Operation,

@@ -41,6 +41,17 @@ pub struct Operation {
     pub inputs: BTreeMap<String, Input>,
     pub requests: Vec<RequestTemplate>,
     pub outputs: Vec<(String, Expr)>,
+    /// How to find out whether a call whose worker was lost took effect (by its key).
+    pub recover: Option<Recover>,
+}
+
+/// A lookup by the call's key: `found` says whether the call took effect, and `outputs` are then
+/// what the call would have returned.
+#[derive(Clone, Debug)]
+pub struct Recover {
+    pub request: RequestTemplate,
+    pub found: Expr,
+    pub outputs: Vec<(String, Expr)>,
 }
 
 /// One declared input.
@@ -118,6 +129,17 @@ struct OperationFile {
     request: Option<RequestFile>,
     #[serde(default)]
     requests: Option<Vec<RequestFile>>,
+    #[serde(default)]
+    outputs: BTreeMap<String, String>,
+    #[serde(default)]
+    recover: Option<RecoverFile>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RecoverFile {
+    request: RequestFile,
+    found: String,
     #[serde(default)]
     outputs: BTreeMap<String, String>,
 }
@@ -466,6 +488,30 @@ impl Connector {
                         .map(|e| (k.clone(), e))
                 })
                 .collect();
+            let recover = o.recover.as_ref().and_then(|r| {
+                let rfield = format!("{field}.recover");
+                if o.idempotent {
+                    c.problem(
+                        &rfield,
+                        "only an operation that is not repeat-safe needs a recover lookup",
+                    );
+                }
+                let request = c.request(&format!("{rfield}.request"), &r.request);
+                let found = c.expr(&format!("{rfield}.found"), &r.found, RESPONSE_VARS)?;
+                let outputs = r
+                    .outputs
+                    .iter()
+                    .filter_map(|(k, src)| {
+                        c.expr(&format!("{rfield}.outputs.{k}"), src, RESPONSE_VARS)
+                            .map(|e| (k.clone(), e))
+                    })
+                    .collect();
+                Some(Recover {
+                    request,
+                    found,
+                    outputs,
+                })
+            });
             operations.insert(
                 name.clone(),
                 Operation {
@@ -476,6 +522,7 @@ impl Connector {
                     inputs,
                     requests,
                     outputs,
+                    recover,
                 },
             );
         }

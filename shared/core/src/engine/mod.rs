@@ -56,6 +56,9 @@ pub enum Work {
     Http(HttpRequest),
     /// Run this declared connector operation; report its outputs (or error) as the outcome.
     Call(Call),
+    /// A non-idempotent call's worker was lost: look up by its key whether it took effect (the
+    /// outputs if so; a retryable failure if not; [`Outcome::Unknown`] when it cannot tell).
+    Recover(Call),
     /// Send these notifications carrying the approval links; then report [`Outcome::Waiting`].
     Notify(Vec<NotifyWork>),
     /// Start this child run (it is in [`Effects::new_runs`] of the claim); report `Waiting`.
@@ -553,6 +556,7 @@ impl<'a> Engine<'a> {
             }
         }
         // Execute.
+        let mut lost_call = false;
         match it.status {
             StepStatus::Queued => {}
             StepStatus::Running => match it.lease_until {
@@ -580,12 +584,15 @@ impl<'a> Engine<'a> {
                         ..
                     } = &step.kind
                     {
-                        let why = format!(
-                            "the worker was lost during `{operation}`, which must not be repeated \
-                             blindly: check whether it took effect"
-                        );
-                        self.settle(run, si, msg, Outcome::Unknown(why), now, fx);
-                        return Claim::Settled;
+                        lost_call = true;
+                        if operation == HTTP_REQUEST || operation == NOOP {
+                            let why = format!(
+                                "the worker was lost during `{operation}`, which must not be \
+                                 repeated blindly: check whether it took effect"
+                            );
+                            self.settle(run, si, msg, Outcome::Unknown(why), now, fx);
+                            return Claim::Settled;
+                        }
                     }
                 }
             },
@@ -718,6 +725,10 @@ impl<'a> Engine<'a> {
                     (_, Work::Local(v)) => {
                         self.settle(run, si, msg, Outcome::Done(v), now, fx);
                         Claim::Settled
+                    }
+                    // The lost call is looked up by its key, not made again.
+                    (_, Work::Call(c)) if lost_call => {
+                        self.claimed(run, si, msg, now, fx, Work::Recover(c))
                     }
                     (_, work) => self.claimed(run, si, msg, now, fx, work),
                 }

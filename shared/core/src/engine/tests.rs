@@ -690,10 +690,18 @@ fn a_lost_worker_during_a_non_idempotent_call_asks_a_human_instead_of_calling_ag
     assert_eq!(call.operation, "bank.transfer");
     assert_eq!(call.connection, "bank");
     assert_eq!(call.inputs, json!({"amount": 10}));
-    // The worker dies mid-call. After its lease the message comes back: no second call.
+    // The worker dies mid-call. After its lease the message comes back: no second call, but a
+    // lookup by the call's key; this connector has none, so the worker reports it unknown.
     let later = d.now + 10 * 60_000;
     let claim = d.engine.claim(&mut d.run, &msg, later, None, &mut fx);
-    assert_eq!(claim, Claim::Settled);
+    assert_eq!(claim, Claim::Execute(Work::Recover(call)));
+    assert!(d.engine.finish(
+        &mut d.run,
+        &msg,
+        Outcome::Unknown("the worker was lost during `bank.transfer`".into()),
+        later,
+        &mut fx
+    ));
     assert_eq!(d.status("pay"), StepStatus::Waiting);
     assert_eq!(d.run.status, RunStatus::Waiting);
     let it = &d.run.step("pay").unwrap().iterations[0];

@@ -223,7 +223,8 @@ impl Service {
             .clone()
     }
 
-    /// The kill switch, read through a cache as old as the rules cache (0 locally).
+    /// The kill switch, read through a cache as old as the rules cache on AWS; locally read once
+    /// and then kept current by [`Service::set_kill_switch`].
     pub async fn kill_switch(&self) -> Result<Option<KillSwitch>, Error> {
         let now = self.now();
         let cached = self
@@ -231,8 +232,10 @@ impl Service {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
+        // The only process on its store (the local runtime) changes the switch through this
+        // service, so its cached value is always current; on AWS it is re-read after the cache.
         if let Some((at, k)) = cached
-            && now - at < self.d.config.rules_cache_ms as Millis
+            && (self.d.config.worker.exclusive || now - at < self.d.config.rules_cache_ms as Millis)
         {
             return Ok(k);
         }

@@ -14,13 +14,13 @@ use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
 use crate::approval::{Claims, Signer, TokenError, nonce_hash, same_hash};
-use crate::connector::{Connections, ConnectorCatalog, call::call_with_timeout};
+use crate::connector::{Connections, ConnectorCatalog, Operation, call::call_with_timeout};
 use crate::engine::{
     Answer, Call, Claim, DecideError, Effects, Engine, IssuedLinks, NotifyWork, Outcome, Work,
 };
 use crate::event;
 use crate::guard::Guards;
-use crate::http::{HttpError, HttpRequest};
+use crate::http::{Connection, HttpError, HttpRequest};
 use crate::model::{Alert, AlertKind, Millis};
 use crate::playbook::{self, Playbook, PlaybookSpec, Problems, StepKind};
 use crate::ports::{Clock, HttpSender, IdSource};
@@ -675,21 +675,18 @@ impl Service {
         match work {
             Work::Http(req) => self.send(req).await,
             Work::Call(c) => self.call(c).await,
-            Work::Recover(c) => match self.d.catalog.operation_named(&c.operation) {
-                Some(op) => match self.d.connections.get(&c.connection) {
-                    Some(conn) => crate::connector::call::recover(
-                        op,
-                        &c.inputs,
-                        &c.key,
-                        conn,
-                        self.d.http.as_ref(),
-                        c.timeout_ms,
-                    )
-                    .await
-                    .into_outcome(op.idempotent),
-                    None => Outcome::Unknown(format!("unknown connection `{}`", c.connection)),
-                },
-                None => Outcome::Unknown(format!("unknown operation `{}`", c.operation)),
+            Work::Recover(c) => match self.resolve(c) {
+                Ok((op, conn)) => crate::connector::call::recover(
+                    op,
+                    &c.inputs,
+                    &c.key,
+                    conn,
+                    self.d.http.as_ref(),
+                    c.timeout_ms,
+                )
+                .await
+                .into_outcome(op.idempotent),
+                Err(why) => Outcome::Unknown(why),
             },
             Work::Announce(_) => Outcome::Waiting,
             Work::Notify(list) => {
@@ -730,18 +727,38 @@ impl Service {
         }
     }
 
+    /// A call's operation and connection, checked again at call time.
+    fn resolve(&self, c: &Call) -> Result<(&Operation, &Connection), String> {
+        let op = self
+            .d
+            .catalog
+            .operation_named(&c.operation)
+            .ok_or_else(|| format!("unknown operation `{}`", c.operation))?;
+        let conn = self
+            .d
+            .connections
+            .get(&c.connection)
+            .ok_or_else(|| format!("unknown connection `{}`", c.connection))?;
+        if let Some(connector) = self.d.catalog.connector(&op.connector)
+            && let Some(why) = connector
+                .misfits(conn, self.d.connections.allow_any_host)
+                .into_iter()
+                .next()
+        {
+            return Err(why);
+        }
+        Ok((op, conn))
+    }
+
     async fn call(&self, c: &Call) -> Outcome {
-        let Some(op) = self.d.catalog.operation_named(&c.operation) else {
-            return Outcome::Failed {
-                message: format!("unknown operation `{}`", c.operation),
-                retryable: false,
-            };
-        };
-        let Some(conn) = self.d.connections.get(&c.connection) else {
-            return Outcome::Failed {
-                message: format!("unknown connection `{}`", c.connection),
-                retryable: false,
-            };
+        let (op, conn) = match self.resolve(c) {
+            Ok(found) => found,
+            Err(message) => {
+                return Outcome::Failed {
+                    message,
+                    retryable: false,
+                };
+            }
         };
         let guards = self.guards();
         if let Err(refused) = guards.check_never_touch(&c.operation, &c.inputs) {
@@ -776,26 +793,6 @@ impl Service {
                         retryable: true,
                     };
                 }
-            }
-        }
-        // The connections file may have changed since the playbook was checked: check again.
-        if !self.d.connections.allow_any_host
-            && let Some(connector) = self.d.catalog.connector(&op.connector)
-        {
-            let host = url::Url::parse(&conn.base_url)
-                .ok()
-                .and_then(|u| u.host_str().map(str::to_string))
-                .unwrap_or_default();
-            if !connector.allows_host(&host) {
-                return Outcome::Failed {
-                    message: format!(
-                        "connection `{}` points at `{host}`; connector `{}` may call only {}",
-                        conn.name,
-                        connector.id,
-                        connector.hosts.join(", ")
-                    ),
-                    retryable: false,
-                };
             }
         }
         call_with_timeout(

@@ -210,19 +210,23 @@ pub async fn recover(
     scope.set("inputs", &inputs);
     scope.set("key", &Value::String(key.to_string()));
     scope.set("responses", &json!({}));
-    let mut request = match render(&rec.request, &scope, &connection.name) {
-        Ok(r) => r,
-        Err(e) => return CallResult::Unknown(format!("{lost}; its lookup failed: {e}")),
-    };
-    request.timeout_ms = timeout_ms;
-    let response = match http.send(connection, &request).await {
-        Ok(r) => r,
-        Err(e) => return CallResult::Unknown(format!("{lost}; its lookup failed: {e}")),
-    };
-    scope.set("response", &response_value(&response));
-    let ok = match &rec.request.success {
-        Some(e) => e.eval_bool(&scope).unwrap_or(false),
-        None => (200..300).contains(&response.status),
+    let (_, response, _, ok) = match exchange(
+        &op.name,
+        &rec.request,
+        &mut scope,
+        connection,
+        http,
+        timeout_ms,
+    )
+    .await
+    {
+        Ok(x) => x,
+        Err(failed) => {
+            return CallResult::Unknown(format!(
+                "{lost}; its lookup failed: {}",
+                failed.message().unwrap_or_default()
+            ));
+        }
     };
     if !ok {
         return CallResult::Unknown(format!(
@@ -232,13 +236,7 @@ pub async fn recover(
         ));
     }
     match rec.found.eval_bool(&scope) {
-        Ok(true) => {
-            let mut outputs = Map::new();
-            for (name, e) in &rec.outputs {
-                outputs.insert(name.clone(), e.eval(&scope).unwrap_or(Value::Null));
-            }
-            CallResult::Done(Value::Object(outputs))
-        }
+        Ok(true) => CallResult::Done(outputs_of(&rec.outputs, &scope)),
         Ok(false) => CallResult::Failed {
             message: format!(
                 "the worker was lost during `{}`, and a lookup by its key found it was not made: calling again",
@@ -287,41 +285,11 @@ pub async fn call_with_timeout(
         scope.set("inputs", &inputs);
         scope.set("key", &Value::String(key.to_string()));
         scope.set("responses", &json!(responses));
-        let request = match render(r, &scope, &connection.name) {
-            Ok(mut req) => {
-                req.timeout_ms = timeout_ms;
-                req
-            }
-            Err(e) => {
-                return CallResult::Failed {
-                    message: format!("`{}`: {e}", op.name),
-                    retryable: false,
-                };
-            }
-        };
-        let response = match http.send(connection, &request).await {
-            Ok(r) => r,
-            Err(HttpError::Terminal(m)) => {
-                return CallResult::Failed {
-                    message: m,
-                    retryable: false,
-                };
-            }
-            Err(HttpError::NotSent(m)) => {
-                return CallResult::Failed {
-                    message: m,
-                    retryable: true,
-                };
-            }
-            // A lost answer may hide a change the vendor made.
-            Err(HttpError::Retryable(m)) => return CallResult::Unknown(m),
-        };
-        let value = response_value(&response);
-        scope.set("response", &value);
-        let ok = match &r.success {
-            Some(e) => e.eval_bool(&scope).unwrap_or(false),
-            None => (200..300).contains(&response.status),
-        };
+        let (request, response, value, ok) =
+            match exchange(&op.name, r, &mut scope, connection, http, timeout_ms).await {
+                Ok(x) => x,
+                Err(failed) => return failed,
+            };
         if !ok {
             let retryable = match &r.retryable {
                 Some(e) => e.eval_bool(&scope).unwrap_or(false),
@@ -355,13 +323,71 @@ pub async fn call_with_timeout(
     scope.set("key", &Value::String(key.to_string()));
     scope.set("responses", &json!(responses));
     scope.set("response", &last);
-    let mut outputs = Map::new();
-    for (name, e) in &op.outputs {
-        // The call happened: an answer missing a field gives null, not a failed step that a
-        // retry would repeat.
-        outputs.insert(name.clone(), e.eval(&scope).unwrap_or(Value::Null));
+    CallResult::Done(outputs_of(&op.outputs, &scope))
+}
+
+/// The declared outputs. The call happened: an answer missing a field gives null, not a failed
+/// step that a retry would repeat.
+fn outputs_of(outputs: &[(String, crate::expr::Expr)], scope: &Scope) -> Value {
+    Value::Object(
+        outputs
+            .iter()
+            .map(|(name, e)| (name.clone(), e.eval(scope).unwrap_or(Value::Null)))
+            .collect(),
+    )
+}
+
+/// Renders `r` in `scope` and sends it. On an answer, `scope` gains `response`, and the result
+/// carries the request, the answer, the answer as expressions see it, and whether the
+/// declaration judges it a success. A failure to render or send is reported as the call would
+/// report it: a refusal is terminal, a connection never made is retryable, a lost answer is
+/// unknown (the vendor may have acted).
+async fn exchange(
+    op_name: &str,
+    r: &RequestTemplate,
+    scope: &mut Scope,
+    connection: &Connection,
+    http: &dyn HttpSender,
+    timeout_ms: Option<u64>,
+) -> Result<(HttpRequest, HttpResponse, Value, bool), CallResult> {
+    let mut request = render(r, scope, &connection.name).map_err(|e| CallResult::Failed {
+        message: format!("`{op_name}`: {e}"),
+        retryable: false,
+    })?;
+    request.timeout_ms = timeout_ms;
+    let response = match http.send(connection, &request).await {
+        Ok(r) => r,
+        Err(HttpError::Terminal(message)) => {
+            return Err(CallResult::Failed {
+                message,
+                retryable: false,
+            });
+        }
+        Err(HttpError::NotSent(message)) => {
+            return Err(CallResult::Failed {
+                message,
+                retryable: true,
+            });
+        }
+        Err(HttpError::Retryable(m)) => return Err(CallResult::Unknown(m)),
+    };
+    let value = response_value(&response);
+    scope.set("response", &value);
+    let ok = match &r.success {
+        Some(e) => e.eval_bool(scope).unwrap_or(false),
+        None => (200..300).contains(&response.status),
+    };
+    Ok((request, response, value, ok))
+}
+
+impl CallResult {
+    /// What went wrong, if anything.
+    pub fn message(&self) -> Option<&str> {
+        match self {
+            CallResult::Done(_) => None,
+            CallResult::Failed { message, .. } | CallResult::Unknown(message) => Some(message),
+        }
     }
-    CallResult::Done(Value::Object(outputs))
 }
 
 #[cfg(test)]

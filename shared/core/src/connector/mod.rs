@@ -153,31 +153,45 @@ impl ConnectorCatalog {
                 )));
                 continue;
             };
-            let Some(connector) = used.connector.as_deref().and_then(|id| self.connector(id))
-            else {
-                continue;
-            };
-            if !connector.auth.iter().any(|a| a == conn.auth.kind()) {
-                out.push(problem(format!(
-                    "connection `{}` uses auth `{}`; connector `{}` takes {}",
-                    conn.name,
-                    conn.auth.kind(),
-                    connector.id,
-                    connector.auth.join(", ")
-                )));
+            if let Some(connector) = used.connector.as_deref().and_then(|id| self.connector(id)) {
+                out.extend(
+                    connector
+                        .misfits(conn, connections.allow_any_host)
+                        .into_iter()
+                        .map(problem),
+                );
             }
-            let host = url::Url::parse(&conn.base_url)
-                .ok()
-                .and_then(|u| u.host_str().map(str::to_string))
-                .unwrap_or_default();
-            if !connections.allow_any_host && !connector.allows_host(&host) {
-                out.push(problem(format!(
-                    "connection `{}` points at `{host}`; connector `{}` may call only {}",
-                    conn.name,
-                    connector.id,
-                    connector.hosts.join(", ")
-                )));
-            }
+        }
+        out
+    }
+}
+
+impl Connector {
+    /// Why `conn` cannot serve this connector: an auth type it does not take, or (unless any host
+    /// is allowed) a host it does not declare. Checked when a playbook is stored and again at
+    /// call time, since the connections file may have changed in between.
+    pub fn misfits(&self, conn: &crate::http::Connection, allow_any_host: bool) -> Vec<String> {
+        let mut out = Vec::new();
+        if !self.auth.iter().any(|a| a == conn.auth.kind()) {
+            out.push(format!(
+                "connection `{}` uses auth `{}`; connector `{}` takes {}",
+                conn.name,
+                conn.auth.kind(),
+                self.id,
+                self.auth.join(", ")
+            ));
+        }
+        let host = url::Url::parse(&conn.base_url)
+            .ok()
+            .and_then(|u| u.host_str().map(str::to_string))
+            .unwrap_or_default();
+        if !allow_any_host && !self.allows_host(&host) {
+            out.push(format!(
+                "connection `{}` points at `{host}`; connector `{}` may call only {}",
+                conn.name,
+                self.id,
+                self.hosts.join(", ")
+            ));
         }
         out
     }

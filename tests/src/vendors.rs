@@ -27,7 +27,7 @@ pub const PANOS_SUCCESS: &str = r#"<response status="success"><result><uid-respo
 
 pub const SECRETS: &[(&str, &str)] = &[
     ("servicenow-password", "sn-test-password"),
-    ("slack-bot-token", "xoxb-slack-test-token"),
+    ("slack-bot-token", "slack-test-bot-token"),
     ("panos-api-key", "panos-test-key"),
     ("entra-client-secret", "entra-test-secret"),
 ];

@@ -119,7 +119,7 @@ async fn a_slack_press_decides_once_for_every_channel_and_each_channel_is_told()
     let r = Riposte::start_with_secrets(
         &connections(&slack, &teams),
         &[
-            ("slack-bot-token", "xoxb-test"),
+            ("slack-bot-token", "slack-test-token"),
             ("teams-sig", "teams-test-sig"),
         ],
     )
@@ -228,7 +228,10 @@ async fn a_slack_press_decides_once_for_every_channel_and_each_channel_is_told()
     }
     let update = &slack.requests()[1];
     assert_eq!(update.path, "/api/chat.update");
-    assert_eq!(update.header("authorization"), Some("Bearer xoxb-test"));
+    assert_eq!(
+        update.header("authorization"),
+        Some("Bearer slack-test-token")
+    );
     let u = update.json();
     assert_eq!(u["channel"], "C0SOCALERTS");
     assert_eq!(u["ts"], "1767225600.000100");

@@ -127,7 +127,7 @@ fn check_notifications(v: &Vendors, r: &Riposte, run_id: &str) -> (String, Strin
         );
         assert_eq!(
             s.header("authorization"),
-            Some("Bearer xoxb-slack-test-token")
+            Some("Bearer slack-test-bot-token")
         );
         assert_eq!(
             s.header("content-type"),
@@ -242,7 +242,7 @@ async fn check_slack_update(v: &Vendors, r: &Riposte, run_id: &str, said: &str) 
     );
     assert_eq!(
         update.header("authorization"),
-        Some("Bearer xoxb-slack-test-token")
+        Some("Bearer slack-test-bot-token")
     );
     assert_eq!(
         update.header("content-type"),

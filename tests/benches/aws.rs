@@ -53,9 +53,9 @@ const FUNCTIONS: [&str; 6] = [
 const APPROVAL_KEY: &str = "test-approval-key-0123456789abcdef";
 const PUBLIC_URL: &str = "https://riposte.example.com";
 
-// us-east-1 list prices.
-const DDB_PER_MILLION_WRU: f64 = 1.25;
-const DDB_PER_MILLION_RRU: f64 = 0.25;
+// us-east-1 list prices (DynamoDB on-demand as cut in half in November 2024).
+const DDB_PER_MILLION_WRU: f64 = 0.625;
+const DDB_PER_MILLION_RRU: f64 = 0.125;
 const SQS_PER_MILLION_REQUESTS: f64 = 0.40;
 const LAMBDA_PER_MILLION_REQUESTS: f64 = 0.20;
 const LAMBDA_ARM64_PER_GB_SECOND: f64 = 0.000_013_333_4;
@@ -555,7 +555,7 @@ impl Aws {
             return 0;
         }
         let started = Instant::now();
-        let response = riposte_lambda::on_messages(&self.service, event, 5).await;
+        let response = riposte_lambda::on_messages(&self.service, event, 5, None).await;
         self.invoked("step-worker", messages.len(), started.elapsed());
         acknowledge(&self.esm, &self.queue, &messages, &response).await;
         messages.len()
@@ -752,7 +752,8 @@ async fn api_calls_and_cost() -> Moto {
         .get(&format!("RUN#{id}|RUN"))
         .cloned()
         .unwrap_or(Value::Null);
-    let run_body = run_item["body"]["S"].as_str().map_or(0, str::len);
+    // The run body is stored deflated (`z`, base64 on the wire).
+    let run_body = run_item["z"]["B"].as_str().map_or(0, |b| b.len() * 3 / 4);
 
     println!("# Riposte on AWS: the numbers, measured");
     println!();
@@ -771,7 +772,7 @@ async fn api_calls_and_cost() -> Moto {
          page, POST the decision)."
     );
     println!(
-        "Run item at the end: {} bytes as DynamoDB sizes it (run body {run_body} bytes of JSON).",
+        "Run item at the end: {} bytes as DynamoDB sizes it (run body {run_body} bytes, deflated).",
         item_size(&run_item)
     );
     println!();
@@ -956,13 +957,25 @@ async fn api_calls_and_cost() -> Moto {
     }
     let (w_worker, _, r_worker, sqs_worker) = tally(Some("step-worker"));
     let (w_all, gsi_all, r_all, sqs_all) = tally(None);
-    let per = |x: f64| x / step_messages.max(1) as f64;
+    // Per playbook step run: a step worker carries the steps a step makes ready, so steps and
+    // messages differ (the per-message figures are printed too).
+    let steps = steps_run.len().max(1) as f64;
+    let per = |x: f64| x / steps;
+    let per_message = |x: f64| x / step_messages.max(1) as f64;
     println!();
     println!(
-        "Per step message ({step_messages} handled): step worker alone: {:.2} conditional writes, {:.2} \
+        "Per message ({step_messages} handled): step worker alone: {:.2} conditional writes, {:.2} reads, \
+         {:.2} SQS requests.",
+        per_message(w_worker.conditional as f64),
+        per_message(r_worker.requests as f64),
+        per_message(sqs_worker as f64),
+    );
+    println!(
+        "Per playbook step ({} run): step worker alone: {:.2} conditional writes, {:.2} \
          reads (GetItem/Query/BatchGetItem requests), {:.2} SQS requests; whole run (ingest and \
          approval included): {:.2} conditional writes ({:.2} write requests), {:.2} reads, {:.2} SQS \
          requests.",
+        steps_run.len(),
         per(w_worker.conditional as f64),
         per(r_worker.requests as f64),
         per(sqs_worker as f64),
@@ -985,7 +998,7 @@ async fn api_calls_and_cost() -> Moto {
     println!(
         "Lambda's SQS polling, counted apart (standing in for the event source mapping here): \
          {busy_receives} ReceiveMessage calls that returned messages, {esm_deletes} DeleteMessage \
-         calls = {:.2} per step message; {empty_receives} empty receives while this harness \
+         calls = {:.2} per playbook step; {empty_receives} empty receives while this harness \
          waited (in production the mapping's long polling is a flat cost per queue, not per run). \
          In production these are SQS requests billed to the account too.",
         per(esm_busy as f64),

@@ -557,12 +557,8 @@ impl Deployment {
 
     async fn run(&self) -> (Run, bool) {
         let item = self.item().await;
-        let body = match item.get("body") {
-            Some(AttributeValue::S(b)) => b,
-            other => panic!("run body: {other:?}"),
-        };
         (
-            serde_json::from_str(body).unwrap(),
+            riposte_aws::run_of_item(&item).unwrap(),
             item.contains_key("outbox"),
         )
     }
@@ -620,7 +616,8 @@ impl Deployment {
             "eventSource": "aws:sqs",
         }]}))
         .unwrap();
-        let response = riposte_lambda::on_messages(&self.worker_fn, event, MAX_RECEIVES).await;
+        let response =
+            riposte_lambda::on_messages(&self.worker_fn, event, MAX_RECEIVES, None).await;
         if response.batch_item_failures.is_empty() {
             self.sqs
                 .delete_message()

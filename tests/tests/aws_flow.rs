@@ -85,7 +85,7 @@ impl Aws {
         if messages.is_empty() {
             return vec![];
         }
-        let response = riposte_lambda::on_messages(&self.service, event, 5).await;
+        let response = riposte_lambda::on_messages(&self.service, event, 5, None).await;
         acknowledge(&self.sqs, &self.queue, &messages, &response).await;
         messages.into_iter().filter_map(|m| m.body).collect()
     }
@@ -246,7 +246,7 @@ async fn block_through_the_lambda_handlers_and_a_duplicate_message_changes_nothi
     let msg =
         json!({"run_id": id, "step": "block_ip", "iteration": 0, "attempt": 1, "kind": "execute"});
     let again: SqsEvent = serde_json::from_value(json!({"Records": [{"messageId": "dup", "body": msg.to_string(), "attributes": {"ApproximateReceiveCount": "2"}}]})).unwrap();
-    let response = riposte_lambda::on_messages(&a.service, again, 5).await;
+    let response = riposte_lambda::on_messages(&a.service, again, 5, None).await;
     assert!(response.batch_item_failures.is_empty());
     assert_eq!(v.panos.requests().len(), 1, "the firewall was called once");
     assert_eq!(a.run(&id).await, run);
@@ -454,7 +454,7 @@ async fn a_message_failing_on_its_last_receive_fails_its_run_and_spares_its_neig
         {"messageId": "garbage", "body": "{not json", "attributes": {"ApproximateReceiveCount": "1"}},
     ]}))
     .unwrap();
-    let response = riposte_lambda::on_messages(&a.service, batch, 5).await;
+    let response = riposte_lambda::on_messages(&a.service, batch, 5, None).await;
     let failed: Vec<&str> = response
         .batch_item_failures
         .iter()

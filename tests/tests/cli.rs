@@ -99,11 +99,13 @@ async fn a_dry_run_prints_every_request_and_sends_none() {
             "#4 POST https://slack.com/api/chat.postMessage".to_string(),
             format!("#5 POST {}/api/", vendor.url),
             format!("#6 PATCH {graph}"),
-            "#7 POST https://slack.com/api/chat.update".to_string(),
-            format!("#8 POST {graph}/revokeSignInSessions"),
+            // The steps the user's disabling makes ready are carried by the same worker, before
+            // the decision's announcement (its own message) is handled.
+            format!("#7 POST {graph}/revokeSignInSessions"),
             format!(
-                "#9 PATCH {sn}/9d385017c611228701d22104cc95c371?sysparm_fields=sys_id%2Cnumber%2Cstate%2Cresolved_at%2Csys_updated_on"
+                "#8 PATCH {sn}/9d385017c611228701d22104cc95c371?sysparm_fields=sys_id%2Cnumber%2Cstate%2Cresolved_at%2Csys_updated_on"
             ),
+            "#9 POST https://slack.com/api/chat.update".to_string(),
         ],
         "{out}"
     );

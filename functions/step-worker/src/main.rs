@@ -12,8 +12,10 @@ async fn main() -> Result<(), Error> {
     run(service_fn(move |event: LambdaEvent<SqsEvent>| {
         let service = service.clone();
         async move {
+            let budget = riposte_lambda::remaining(event.context.deadline);
             Ok::<SqsBatchResponse, Error>(
-                riposte_lambda::on_messages(&service, event.payload, max_receives).await,
+                riposte_lambda::on_messages(&service, event.payload, max_receives, Some(budget))
+                    .await,
             )
         }
     }))

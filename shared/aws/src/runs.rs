@@ -6,11 +6,12 @@
 //! as a timer item, and only if it is still the same outbox (its id). A timer item is deleted only
 //! after SQS accepted its message.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use aws_sdk_dynamodb::operation::put_item::PutItemError;
 use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
 use aws_sdk_dynamodb::operation::update_item::UpdateItemError;
+use aws_sdk_dynamodb::primitives::Blob;
 use aws_sdk_dynamodb::types::{
     AttributeValue, Put, ReturnValuesOnConditionCheckFailure, TransactWriteItem,
 };
@@ -24,12 +25,13 @@ use riposte_core::store::{RunSummary, StoreError};
 use crate::DynamoStore;
 use crate::item::{Item, ItemExt, from_json, key, n, names, s, to_json, unavailable, values};
 use crate::outbox::{Outbox, queue_delay, unique_token};
+use crate::pack::{deflate, inflate};
 use crate::size::{
     BODY_TARGET_BYTES, ITEM_OVERHEAD_BYTES, MAX_ITEM_BYTES, MIN_BODY_BYTES, fit_body,
 };
 use crate::table::{
-    GSI1, GSI2, GSI2_RUNS, SHARDS, SK_RUN, TTL_ATTRIBUTE, outbox_gsi1pk, outbox_gsi1sk, pad,
-    run_gsi2sk, run_pk, shard_of, timer_pk, timer_sk,
+    GSI1, GSI2, GSI2_RUNS, SHARDS, SK_INPUT, SK_RUN, TTL_ATTRIBUTE, outbox_gsi1pk, outbox_gsi1sk,
+    pad, run_gsi2sk, run_pk, shard_of, timer_pk, timer_sk,
 };
 
 /// SendMessageBatch takes at most 10 entries.
@@ -78,8 +80,8 @@ impl DynamoStore {
         self.epoch_seconds_after_retention(now).map(n)
     }
 
-    /// The run item without its outbox.
-    fn run_item(&self, run: &Run, version: u64, body: String, now: Millis) -> Item {
+    /// The run item without its outbox; `body` is the run's JSON, stored deflated as `z`.
+    fn run_item(&self, run: &Run, version: u64, body: &str, now: Millis) -> Item {
         let mut item = key(run_pk(&run.id), SK_RUN);
         item.extend([
             ("id".to_string(), s(&run.id)),
@@ -89,10 +91,16 @@ impl DynamoStore {
             ("playbook_version".to_string(), n(run.playbook_version)),
             ("created_at".to_string(), n(run.created_at)),
             ("updated_at".to_string(), n(run.updated_at)),
-            ("body".to_string(), s(body)),
+            (
+                BODY_ATTRIBUTE.to_string(),
+                AttributeValue::B(Blob::new(deflate(body))),
+            ),
             ("gsi2pk".to_string(), s(GSI2_RUNS)),
             ("gsi2sk".to_string(), s(run_gsi2sk(run.created_at, &run.id))),
         ]);
+        if let Some(at) = run.finished_at {
+            item.insert("finished_at".into(), n(at));
+        }
         if run.status.is_terminal()
             && let Some(at) = self.expiry(now)
         {
@@ -128,8 +136,15 @@ impl DynamoStore {
                 fx.messages.len()
             )));
         }
-        let body = fit_body(run, budget, now)?;
-        let mut item = self.run_item(run, version, body, now);
+        if expected.is_none() {
+            // Written once, before the run: a run item is never without its input.
+            self.put_input(run, now).await?;
+        } else if run.status.is_terminal() {
+            // Before the write that ends the run, so that no input outlives its run's retention.
+            self.expire_input(&run.id, now).await?;
+        }
+        let body = fit_body(&without_input(run), budget, now)?;
+        let mut item = self.run_item(run, version, &body, now);
         item.insert("write_id".into(), s(&write_id));
         if let (Some(ob), Some(json)) = (&outbox, outbox_json) {
             item.extend([
@@ -174,12 +189,12 @@ impl DynamoStore {
             };
         }
 
-        if fx.new_runs.len() + 1 > MAX_TRANSACT_ITEMS {
+        if 2 * fx.new_runs.len() + 1 > MAX_TRANSACT_ITEMS {
             return Err(StoreError::Unavailable(format!(
                 "run {}: {} child runs in one write; DynamoDB takes at most {}",
                 run.id,
                 fx.new_runs.len(),
-                MAX_TRANSACT_ITEMS - 1
+                (MAX_TRANSACT_ITEMS - 1) / 2
             )));
         }
         let build = |e: aws_sdk_dynamodb::error::BuildError| StoreError::Corrupt(e.to_string());
@@ -201,13 +216,24 @@ impl DynamoStore {
                 .build(),
         ];
         for child in &fx.new_runs {
-            let body = fit_body(child, BODY_TARGET_BYTES, now)?;
             actions.push(
                 TransactWriteItem::builder()
                     .put(
                         Put::builder()
                             .table_name(&self.config.table)
-                            .set_item(Some(self.run_item(child, 1, body, now)))
+                            .set_item(Some(self.input_item(child, now)?))
+                            .build()
+                            .map_err(build)?,
+                    )
+                    .build(),
+            );
+            let body = fit_body(&without_input(child), BODY_TARGET_BYTES, now)?;
+            actions.push(
+                TransactWriteItem::builder()
+                    .put(
+                        Put::builder()
+                            .table_name(&self.config.table)
+                            .set_item(Some(self.run_item(child, 1, &body, now)))
                             .condition_expression("attribute_not_exists(pk)")
                             .build()
                             .map_err(build)?,
@@ -241,8 +267,9 @@ impl DynamoStore {
                         .refused(&run.id, &write_id, first.item().cloned(), outbox)
                         .await;
                 }
+                // After the run: each child's input, then the child.
                 if let Some(i) = reasons.iter().skip(1).position(failed) {
-                    return Ok(Commit::ChildExists(fx.new_runs[i].id.clone()));
+                    return Ok(Commit::ChildExists(fx.new_runs[i / 2].id.clone()));
                 }
                 if reasons
                     .iter()
@@ -351,11 +378,37 @@ impl DynamoStore {
     /// (step 4 of the protocol). A younger one is left to its writer: should the caller write
     /// meanwhile, the write is refused and [`Self::flush_refused`] sees to it.
     pub(crate) async fn read_run(&self, run_id: &str) -> Result<Option<(Run, u64)>, StoreError> {
-        let Some(item) = self.get_run_item(run_id).await? else {
+        // The run item and its input item: one query of the run's partition.
+        let out = self
+            .dynamo
+            .query()
+            .table_name(&self.config.table)
+            .key_condition_expression("pk = :pk")
+            .set_expression_attribute_values(values([(":pk", s(run_pk(run_id)))]))
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(|e| unavailable(&format!("reading run {run_id}"), e))?;
+        let mut item = None;
+        let mut input = None;
+        for i in out.items.unwrap_or_default() {
+            match i.opt_str("sk") {
+                Some(SK_RUN) => item = Some(i),
+                Some(SK_INPUT) => input = Some(i),
+                _ => {}
+            }
+        }
+        let Some(item) = item else {
             return Ok(None);
         };
         let version: u64 = item.num("version")?;
-        let run: Run = from_json(&format!("run {run_id}"), item.str("body")?)?;
+        let mut run = run_of_item(&item)?;
+        if let Some(input) = input {
+            run.input = from_json(
+                &format!("input of run {run_id}"),
+                &inflate(&format!("input of run {run_id}"), blob(&input)?)?,
+            )?;
+        }
         if let Some(ob) = pending_outbox(run_id, Some(&item))?
             && self.is_abandoned(&ob)
             && let Err(error) = self.flush(run_id, &ob).await
@@ -364,6 +417,82 @@ impl DynamoStore {
             tracing::warn!(message = "Pending outbox not flushed on load.", run_id, outbox = %ob.id, %error);
         }
         Ok(Some((run, version)))
+    }
+
+    fn input_item(&self, run: &Run, now: Millis) -> Result<Item, StoreError> {
+        let mut item = key(run_pk(&run.id), SK_INPUT);
+        item.insert(
+            BODY_ATTRIBUTE.into(),
+            AttributeValue::B(Blob::new(deflate(&to_json(&run.input)?))),
+        );
+        if run.status.is_terminal()
+            && let Some(at) = self.expiry(now)
+        {
+            item.insert(TTL_ATTRIBUTE.into(), at);
+        }
+        Ok(item)
+    }
+
+    /// Writes a new run's input item, unless it exists (a redelivered event creating the same run
+    /// again: the same input, perhaps with its expiry set already).
+    async fn put_input(&self, run: &Run, now: Millis) -> Result<(), StoreError> {
+        let res = self
+            .dynamo
+            .put_item()
+            .table_name(&self.config.table)
+            .set_item(Some(self.input_item(run, now)?))
+            .condition_expression("attribute_not_exists(pk)")
+            .send()
+            .await;
+        match res {
+            Ok(_) => Ok(()),
+            Err(e)
+                if matches!(
+                    e.as_service_error(),
+                    Some(PutItemError::ConditionalCheckFailedException(_))
+                ) =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(unavailable(
+                &format!("writing the input of run {}", run.id),
+                e,
+            )),
+        }
+    }
+
+    /// Gives a run's input item the expiry of a finished run (none when retention is 0).
+    async fn expire_input(&self, run_id: &str, now: Millis) -> Result<(), StoreError> {
+        let Some(at) = self.expiry(now) else {
+            return Ok(());
+        };
+        let res = self
+            .dynamo
+            .update_item()
+            .table_name(&self.config.table)
+            .set_key(Some(key(run_pk(run_id), SK_INPUT)))
+            .update_expression("SET #ttl = :at")
+            .condition_expression("attribute_exists(pk)")
+            .set_expression_attribute_names(names([("#ttl", TTL_ATTRIBUTE)]))
+            .set_expression_attribute_values(values([(":at", at)]))
+            .send()
+            .await;
+        match res {
+            Ok(_) => Ok(()),
+            // A run written before inputs had their own item.
+            Err(e)
+                if matches!(
+                    e.as_service_error(),
+                    Some(UpdateItemError::ConditionalCheckFailedException(_))
+                ) =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(unavailable(
+                &format!("setting the expiry of the input of run {run_id}"),
+                e,
+            )),
+        }
     }
 
     /// Steps 2 and 3: sends every message (timers for the far ones), then removes the outbox if
@@ -675,7 +804,10 @@ fn summary(item: &Item) -> Result<RunSummary, StoreError> {
         playbook_version: item.num("playbook_version")?,
         status: from_json("run status", &format!("\"{status}\""))?,
         created_at: item.num("created_at")?,
-        updated_at: item.num("updated_at")?,
+        finished_at: item
+            .get("finished_at")
+            .map(|_| item.num("finished_at"))
+            .transpose()?,
     })
 }
 
@@ -714,6 +846,44 @@ async fn send_batch(
         "SQS did not accept {} step messages: {last_error}",
         entries.len()
     )))
+}
+
+/// The deflated run body of a run item.
+pub(crate) const BODY_ATTRIBUTE: &str = "z";
+
+/// The run as stored in its run item: without its input (kept in the input item).
+fn without_input(run: &Run) -> Run {
+    Run {
+        input: serde_json::Value::Null,
+        ..run.clone()
+    }
+}
+
+fn blob(item: &Item) -> Result<&[u8], StoreError> {
+    match item.get(BODY_ATTRIBUTE) {
+        Some(AttributeValue::B(b)) => Ok(b.as_ref()),
+        _ => Err(StoreError::Corrupt(format!(
+            "item {}/{}: no binary attribute `{BODY_ATTRIBUTE}`",
+            item.opt_str("pk").unwrap_or("?"),
+            item.opt_str("sk").unwrap_or("?")
+        ))),
+    }
+}
+
+/// The run's JSON as a run item stores it (its input is in the input item).
+pub fn run_json_of_item(item: &HashMap<String, AttributeValue>) -> Result<String, StoreError> {
+    let what = format!("run {}", item.opt_str("id").unwrap_or("?"));
+    match item.get(BODY_ATTRIBUTE) {
+        Some(AttributeValue::B(b)) => inflate(&what, b.as_ref()),
+        // Written before bodies were deflated.
+        _ => Ok(item.str("body")?.to_string()),
+    }
+}
+
+/// The run a run item stores, without its input (in the input item).
+pub fn run_of_item(item: &HashMap<String, AttributeValue>) -> Result<Run, StoreError> {
+    let what = format!("run {}", item.opt_str("id").unwrap_or("?"));
+    from_json(&what, &run_json_of_item(item)?)
 }
 
 /// The outbox pending on a run item, if any.

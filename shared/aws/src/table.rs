@@ -5,19 +5,24 @@
 //! | playbook version  | `PB#<id>`            | `V#<version:010>`           |                                   |                         |
 //! | playbook head     | `PB#<id>`            | `HEAD`                      | `PLAYBOOKS` / `<id>`              |                         |
 //! | rule              | `RULE#<id>`          | `RULE`                      | `RULES#<kind>` / `<order:020>#<id>` |                       |
+//! | run input         | `RUN#<id>`           | `INPUT`                     |                                   |                         |
 //! | run               | `RUN#<id>`           | `RUN`                       | while its outbox is pending: `OUTBOX#<0..15>` / `<written:020>#<id>` | `RUNS` / `<created:020>#<id>` |
 //! | event record      | `EVENT#<id>`         | `EVENT`                     |                                   |                         |
 //! | audit entry       | `AUDIT`              | `<at:020>#<seq>#<unique>`   |                                   |                         |
 //! | timer             | `TIMERS#<0..15>`     | `<due ms:020>#<unique>`     |                                   |                         |
 //!
 //! A run item also holds `id`, `version` (N), `status`, `playbook_id`, `playbook_version`,
-//! `created_at`, `updated_at`, `body` (the run as JSON), `write_id` (names the write that stored
-//! it) and, while messages are pending, `outbox` (their compact JSON) and `outbox_id`. A timer
-//! holds `body` (the step message as JSON), `run_id`, `due_at` and, while being fired,
-//! `claim`/`claim_until`.
+//! `created_at`, `updated_at`, `finished_at` (once finished), `z` (the run as JSON without its
+//! input, deflated: [`crate::run_of_item`] reads it), `write_id` (names the write that stored it)
+//! and, while messages are pending, `outbox` (their compact JSON) and `outbox_id`. The run's input
+//! (the alert, often the largest part) is written once, before the run, as the `INPUT` item of
+//! the same partition (`z`: its JSON, deflated), so that the item rewritten at every step stays
+//! small; one query of the partition reads both. A timer holds `body` (the step message as
+//! JSON), `run_id`, `due_at` and, while being fired, `claim`/`claim_until`.
 //!
 //! Orders are shifted to non-negative (`order + 2^63`) so that the zero-padded decimal sorts like
-//! the number. `expires_at` (epoch seconds) is the table's TTL attribute: terminal runs and event
+//! the number. `expires_at` (epoch seconds) is the table's TTL attribute: terminal runs (their
+//! input too, set just before the write that ends the run) and event
 //! records get one; playbooks, rules, audit entries and timers never do.
 
 use std::time::Duration;
@@ -47,6 +52,7 @@ pub(crate) const SHARDS: u32 = 16;
 pub(crate) const SK_HEAD: &str = "HEAD";
 pub(crate) const SK_RULE: &str = "RULE";
 pub(crate) const SK_RUN: &str = "RUN";
+pub(crate) const SK_INPUT: &str = "INPUT";
 pub(crate) const SK_EVENT: &str = "EVENT";
 pub(crate) const PK_AUDIT: &str = "AUDIT";
 pub(crate) const GSI1_PLAYBOOKS: &str = "PLAYBOOKS";
@@ -143,7 +149,7 @@ pub const GSI2_ATTRIBUTES: &[&str] = &[
     "playbook_version",
     "status",
     "created_at",
-    "updated_at",
+    "finished_at",
 ];
 
 fn index(name: &str, pk: &str, sk: &str, attributes: &[&str]) -> GlobalSecondaryIndex {

@@ -6,7 +6,7 @@ mod support;
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use aws_sdk_dynamodb::types::{BillingMode, ProjectionType, TimeToLiveStatus};
+use aws_sdk_dynamodb::types::{AttributeValue, BillingMode, ProjectionType, TimeToLiveStatus};
 use serde_json::json;
 
 use riposte_aws::OUTBOX_GRACE_MS;
@@ -706,7 +706,7 @@ async fn a_600_kb_output_is_truncated_and_the_write_succeeds() {
     assert_eq!(last.event, "output_truncated");
     assert_eq!(last.at, T0 + 1_000);
     let raw = f.raw_run("big").await.unwrap();
-    assert!(attr_s(&raw, "body").unwrap().len() <= 350 * 1024);
+    assert!(riposte_aws::run_json_of_item(&raw).unwrap().len() <= 350 * 1024);
 }
 
 #[tokio::test]
@@ -721,10 +721,40 @@ async fn finished_runs_expire_after_retention_and_running_ones_do_not() {
     let now = f.clock.advance(10_000);
     f.store.save_run(&done, 1, &none()).await.unwrap();
     let raw = f.raw_run("r1").await.unwrap();
-    assert_eq!(
-        attr_n(&raw, "expires_at"),
-        Some(now / 1000 + i64::from(RETENTION_DAYS) * 86_400)
-    );
+    let expiry = Some(now / 1000 + i64::from(RETENTION_DAYS) * 86_400);
+    assert_eq!(attr_n(&raw, "expires_at"), expiry);
+    // The input, in its own item, expires with its run.
+    let input = f.raw("RUN#r1", "INPUT").await.unwrap();
+    assert_eq!(attr_n(&input, "expires_at"), expiry);
+    // A redelivered event creating the same run again does not make its input immortal.
+    assert!(!f.store.create_run(&r, &none()).await.unwrap());
+    let input = f.raw("RUN#r1", "INPUT").await.unwrap();
+    assert_eq!(attr_n(&input, "expires_at"), expiry);
+}
+
+#[tokio::test]
+async fn the_input_is_written_once_and_each_step_rewrites_a_small_deflated_item() {
+    let f = fixture().await;
+    let mut r = run("r1", T0);
+    // An alert the size of a GuardDuty finding.
+    r.input = json!({"alert": {"raw": {"detail": "x".repeat(6_000)}, "title": "t"}});
+    f.store.create_run(&r, &none()).await.unwrap();
+    let raw = f.raw_run("r1").await.unwrap();
+    let stored: serde_json::Value =
+        serde_json::from_str(&riposte_aws::run_json_of_item(&raw).unwrap()).unwrap();
+    assert_eq!(stored["input"], json!(null), "the run item holds no input");
+    let body = match raw.get("z") {
+        Some(AttributeValue::B(b)) => b.as_ref().len(),
+        other => panic!("a deflated body: {other:?}"),
+    };
+    assert!(body < 1024, "the run item's body is {body} bytes");
+    assert!(f.raw("RUN#r1", "INPUT").await.is_some());
+    // Loaded, the run has its input back; saved, it keeps it.
+    let (mut loaded, v) = f.store.load_run("r1").await.unwrap().unwrap();
+    assert_eq!(loaded, r);
+    loaded.status = RunStatus::Running;
+    f.store.save_run(&loaded, v, &none()).await.unwrap();
+    assert_eq!(f.store.load_run("r1").await.unwrap().unwrap().0, loaded);
 }
 
 #[tokio::test]

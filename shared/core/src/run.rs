@@ -170,6 +170,12 @@ pub struct Iteration {
     /// While running: the worker (process) that claimed it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub claimed_by: Option<String>,
+    /// While running: claimed by the worker that finished the step before it, in the same write,
+    /// with no message of its own; this names the message that worker was handling
+    /// ([`StepMessage::carrier_key`]). If the worker is lost, that message is delivered again and
+    /// takes this step over ([`crate::engine::Engine::orphan`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub carrier: Option<String>,
     /// While waiting: when the wait, expiry or timeout fires.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wake_at: Option<Millis>,
@@ -192,6 +198,7 @@ impl Iteration {
             finished_at: None,
             lease_until: None,
             claimed_by: None,
+            carrier: None,
             wake_at: None,
             approval: None,
             child_run: None,
@@ -326,5 +333,13 @@ impl StepMessage {
     /// The key a remote API sees for this side effect: the same for every retry of it.
     pub fn idempotency_key(&self) -> String {
         format!("{}:{}:{}", self.run_id, self.step, self.iteration)
+    }
+
+    /// Names this message among its run's messages, for the steps carried under it.
+    pub fn carrier_key(&self) -> String {
+        format!(
+            "{}:{}:{}:{:?}",
+            self.step, self.iteration, self.attempt, self.kind
+        )
     }
 }

@@ -30,6 +30,10 @@ use crate::store::{AlertRecord, AuditEntry, EventRecord, Store, StoreError, Stor
 
 /// How many times a conflicting write is retried before the message is handed back to the queue.
 const MAX_CONFLICT_RETRIES: usize = 16;
+/// The most steps one message carries (performs after its own, with no message of their own).
+const MAX_CARRIED: usize = 64;
+/// Time kept free beyond a carried step's timeout before the invocation's deadline.
+const CARRY_MARGIN_MS: Millis = 5_000;
 /// The largest input a manual run accepts.
 pub const MAX_INPUT_BYTES: usize = 256 * 1024;
 
@@ -171,6 +175,21 @@ pub fn derived_run_id(alert_id: &str, rule_id: &str, playbook_id: &str) -> Strin
         h.update(part.as_bytes());
     }
     format!("r{}", &hex::encode(h.finalize())[..25])
+}
+
+/// Whether claimed work may be done before its claim is written: a declared repeat-safe action
+/// (its worker, if lost, is simply followed by another doing it again).
+fn repeat_safe(engine: &Engine<'_>, msg: &StepMessage, work: &Work) -> bool {
+    matches!(work, Work::Call(_) | Work::Http(_))
+        && engine.playbook.step(&msg.step).is_some_and(|(_, s)| {
+            matches!(
+                s.kind,
+                StepKind::Action {
+                    idempotent: true,
+                    ..
+                }
+            )
+        })
 }
 
 fn outcome_of(result: Result<crate::http::HttpResponse, HttpError>) -> Outcome {
@@ -541,8 +560,23 @@ impl Service {
 
     /// Handles one step message. Safe to call again with the same message at any point.
     pub async fn handle(&self, msg: &StepMessage) -> Result<Handled, Error> {
+        self.handle_within(msg, None).await
+    }
+
+    /// [`Service::handle`] with the time this invocation has left (a Lambda function's deadline):
+    /// a ready step is carried (performed here, with no message of its own) only while its
+    /// timeout fits in what is left. `None`: no limit.
+    pub async fn handle_within(
+        &self,
+        msg: &StepMessage,
+        budget: Option<std::time::Duration>,
+    ) -> Result<Handled, Error> {
+        let until = budget.map(|b| {
+            self.now()
+                .saturating_add(Millis::try_from(b.as_millis()).unwrap_or(Millis::MAX))
+        });
         for _ in 0..MAX_CONFLICT_RETRIES {
-            match self.handle_once(msg).await {
+            match self.handle_once(msg, msg, until).await {
                 Err(Error::Conflict(_)) => continue,
                 other => return other,
             }
@@ -553,7 +587,14 @@ impl Service {
         })
     }
 
-    async fn handle_once(&self, msg: &StepMessage) -> Result<Handled, Error> {
+    /// Handles `msg`; `carrier` is the message the queue delivered (`msg` itself, or the message
+    /// under which `msg`'s step was carried when it is taken over here).
+    async fn handle_once(
+        &self,
+        msg: &StepMessage,
+        carrier: &StepMessage,
+        until: Option<Millis>,
+    ) -> Result<Handled, Error> {
         let Some((mut run, ver)) = self.d.store.load_run(&msg.run_id).await? else {
             tracing::warn!(message = "Message for an unknown run dropped.", run_id = %msg.run_id, step = %msg.step);
             return Ok(Handled::Done);
@@ -605,6 +646,12 @@ impl Service {
         };
         match engine.claim(&mut run, msg, now, links.as_ref(), &mut fx) {
             Claim::Stale(reason) => {
+                if msg == carrier {
+                    let handled = self.adopt(&engine, run, carrier, now, until).await?;
+                    if handled != Handled::Done {
+                        return Ok(handled);
+                    }
+                }
                 tracing::debug!(message = "Stale message acknowledged.", run_id = %msg.run_id, step = %msg.step, %reason);
                 Ok(Handled::Done)
             }
@@ -652,23 +699,203 @@ impl Service {
                 Ok(Handled::Done)
             }
             Claim::Execute(work) => {
-                // Record the claim before the side effect: a lost worker is then visible and its
-                // step is taken over only after the lease.
-                self.save(&run, ver, &fx).await?;
-                let outcome = self.perform(&work).await;
-                // Most often nobody changed the run meanwhile: record on the copy held, and
-                // reload only on a conflict.
-                let mut fx = Effects::default();
-                if engine.finish(&mut run, msg, outcome.clone(), self.now(), &mut fx) {
-                    match self.d.store.save_run(&run, ver + 1, &fx).await {
-                        Ok(()) => return Ok(Handled::Done),
-                        Err(StoreError::Conflict(_)) => {}
-                        Err(e) => return Err(e.into()),
-                    }
-                }
-                self.record(msg, outcome).await
+                self.execute(&engine, run, ver, msg.clone(), work, fx, carrier, until)
+                    .await
             }
         }
+    }
+
+    /// A delivered message whose own step is done (or taken) may still carry steps: delivered
+    /// again because the worker carrying them was lost, or a duplicate of a message another
+    /// worker carries steps under. Each step carried under it whose worker's lease ended is
+    /// taken over, one after the other (bounded: each pass settles one, which then no longer
+    /// runs); while a lease lasts, the message is kept (`Retry`) so that it is not deleted
+    /// before the steps it carries are recorded.
+    async fn adopt(
+        &self,
+        engine: &Engine<'_>,
+        mut run: Run,
+        carrier: &StepMessage,
+        mut now: Millis,
+        until: Option<Millis>,
+    ) -> Result<Handled, Error> {
+        for _ in 0..=MAX_CARRIED {
+            match engine.orphan(&run, carrier, now) {
+                Some(Ok(orphan)) => {
+                    tracing::info!(message = "A step carried under this message is taken over.", run_id = %carrier.run_id, step = %orphan.step, iteration = orphan.iteration);
+                    let handled = Box::pin(self.handle_once(&orphan, carrier, until)).await?;
+                    if handled != Handled::Done {
+                        return Ok(handled);
+                    }
+                    let Some((again, _)) = self.d.store.load_run(&carrier.run_id).await? else {
+                        break;
+                    };
+                    run = again;
+                    now = self.now();
+                }
+                Some(Err(lease)) => {
+                    return Ok(Handled::Retry {
+                        delay_ms: (lease - now).max(1) as u64,
+                        reason: "a step carried under this message is still running".into(),
+                    });
+                }
+                None => break,
+            }
+        }
+        Ok(Handled::Done)
+    }
+
+    /// Performs claimed work and records its outcome. Steps that this write makes ready are
+    /// claimed in the same write and performed here too, one after the other in the order they
+    /// became ready (carried: no message, no separate claim, no read), while the invocation has
+    /// time for them; each outcome is recorded by one write, which claims the steps it makes
+    /// ready in turn.
+    ///
+    /// Work that must not be repeated blindly is recorded as started before it is done; work that
+    /// is repeat-safe is claimed and recorded in one write, after it is done (a duplicate message
+    /// meanwhile may repeat it, which is what repeat-safe allows). Carried steps are always
+    /// claimed before they start, in the write that made them ready.
+    #[allow(clippy::too_many_arguments)]
+    async fn execute(
+        &self,
+        engine: &Engine<'_>,
+        mut run: Run,
+        mut ver: u64,
+        msg: StepMessage,
+        work: Work,
+        mut fx: Effects,
+        carrier: &StepMessage,
+        until: Option<Millis>,
+    ) -> Result<Handled, Error> {
+        if msg != *carrier {
+            // A carried step taken over: it is carried again, under the same message.
+            engine.mark_carried(&mut run, &msg, carrier);
+        }
+        let first_claim_written = !repeat_safe(engine, &msg, &work);
+        if first_claim_written {
+            // A lost worker is then visible, and its step is taken over only after the lease.
+            self.save(&run, ver, &fx).await?;
+            ver += 1;
+            fx = Effects::default();
+        }
+        let mut queue = std::collections::VecDeque::from([(msg, work, first_claim_written)]);
+        // Once a write is refused (the run changed elsewhere), the copy held here is stale: the
+        // remaining outcomes are recorded on the run as it stands, and nothing more is carried.
+        let mut stale = false;
+        // What the queue is told: `Retry` when a recording could not settle its message.
+        let mut handled = Handled::Done;
+        let mut carried = 0;
+        while let Some((msg, work, claim_written)) = queue.pop_front() {
+            let outcome = self.perform(&work).await;
+            if stale {
+                let h = self
+                    .record(&msg, outcome, claim_written, carrier, until)
+                    .await?;
+                if h != Handled::Done {
+                    handled = h;
+                }
+                continue;
+            }
+            let now = self.now();
+            if !engine.finish(&mut run, &msg, outcome.clone(), now, &mut fx) {
+                continue;
+            }
+            let next = if carried < MAX_CARRIED {
+                self.carry(engine, &mut run, &mut fx, carrier, until, now)
+                    .await
+            } else {
+                vec![]
+            };
+            match self.d.store.save_run(&run, ver, &fx).await {
+                Ok(()) => {
+                    ver += 1;
+                    fx = Effects::default();
+                    carried += next.len();
+                    queue.extend(next.into_iter().map(|(m, w)| (m, w, true)));
+                }
+                // Changed meanwhile (most often nobody did, so no read before writing).
+                Err(StoreError::Conflict(_)) => {
+                    stale = true;
+                    let h = self
+                        .record(&msg, outcome, claim_written, carrier, until)
+                        .await?;
+                    if h != Handled::Done {
+                        handled = h;
+                    }
+                }
+                // The steps already carried are taken over when the message comes back.
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(handled)
+    }
+
+    /// Takes the steps to carry out of `fx`: every `Execute` of this run that is due now, while
+    /// the invocation has time for its timeout and the kill switch lets the run go on. They are
+    /// claimed on `run` (in the write about to be made). A step the engine settles by itself
+    /// (set, wait, a failed render) is settled here, and what it makes ready looked at in turn.
+    async fn carry(
+        &self,
+        engine: &Engine<'_>,
+        run: &mut Run,
+        fx: &mut Effects,
+        carrier: &StepMessage,
+        until: Option<Millis>,
+        now: Millis,
+    ) -> Vec<(StepMessage, Work)> {
+        let mut out = Vec::new();
+        if run.status.is_terminal()
+            || (!matches!(run.trigger, Trigger::Manual { .. })
+                && !matches!(self.killed().await, Ok(None)))
+        {
+            return out;
+        }
+        let run_id = run.id.clone();
+        let fits = |m: &StepMessage, delay: u64| {
+            delay == 0
+                && m.kind == MessageKind::Execute
+                && m.run_id == run_id
+                && engine.playbook.step(&m.step).is_some_and(|(_, s)| {
+                    !matches!(s.kind, StepKind::Playbook { .. })
+                        && until.is_none_or(|u| {
+                            let timeout = s
+                                .timeout_ms
+                                .unwrap_or(crate::engine::DEFAULT_ACTION_TIMEOUT_MS);
+                            now.saturating_add(Millis::try_from(timeout).unwrap_or(Millis::MAX))
+                                .saturating_add(CARRY_MARGIN_MS)
+                                <= u
+                        })
+                })
+        };
+        let mut kept = Vec::new();
+        // Bounded: each round claims or keeps one message; settled steps add at most their
+        // successors.
+        for _ in 0..MAX_CARRIED * 4 {
+            let Some((next, delay)) = fx.messages.pop() else {
+                break;
+            };
+            if out.len() >= MAX_CARRIED || !fits(&next, delay) {
+                kept.push((next, delay));
+                continue;
+            }
+            let links = match engine.playbook.step(&next.step).map(|(_, s)| &s.kind) {
+                Some(StepKind::Approval(a)) => Some(self.issue_links(&next, a, now)),
+                _ => None,
+            };
+            match engine.claim(run, &next, now, links.as_ref(), fx) {
+                Claim::Execute(work) => {
+                    engine.mark_carried(run, &next, carrier);
+                    out.push((next, work));
+                }
+                Claim::Settled => {}
+                Claim::Stale(_) | Claim::Busy(_) => kept.push((next, delay)),
+            }
+        }
+        kept.reverse();
+        fx.messages.splice(0..0, kept);
+        // In the order the engine made them ready.
+        out.reverse();
+        out
     }
 
     async fn perform(&self, work: &Work) -> Outcome {
@@ -817,8 +1044,17 @@ impl Service {
         }
     }
 
-    /// Writes a claimed step's outcome, reloading on conflicts.
-    async fn record(&self, msg: &StepMessage, outcome: Outcome) -> Result<Handled, Error> {
+    /// Writes a claimed step's outcome, reloading on conflicts. `claim_written`: false when the
+    /// claim was never written (repeat-safe work), so it is made again on the run as it stands;
+    /// if another worker holds or finished the step meanwhile, this outcome is dropped.
+    async fn record(
+        &self,
+        msg: &StepMessage,
+        outcome: Outcome,
+        claim_written: bool,
+        carrier: &StepMessage,
+        until: Option<Millis>,
+    ) -> Result<Handled, Error> {
         for _ in 0..MAX_CONFLICT_RETRIES {
             let (mut run, ver) = match self.d.store.load_run(&msg.run_id).await? {
                 Some(r) => r,
@@ -827,8 +1063,20 @@ impl Service {
             let pb = self
                 .playbook(&run.playbook_id, run.playbook_version)
                 .await?;
+            let engine = Engine::with_worker(&pb, self.d.config.worker.clone());
             let mut fx = Effects::default();
-            if !Engine::new(&pb).finish(&mut run, msg, outcome.clone(), self.now(), &mut fx) {
+            let now = self.now();
+            let taken = !claim_written
+                && !matches!(
+                    engine.claim(&mut run, msg, now, None, &mut fx),
+                    Claim::Execute(_)
+                );
+            if taken || !engine.finish(&mut run, msg, outcome.clone(), now, &mut fx) {
+                // Done or taken by another: this outcome is dropped. Steps may still be carried
+                // under this message (by a duplicate of it).
+                if msg == carrier {
+                    return self.adopt(&engine, run, carrier, now, until).await;
+                }
                 return Ok(Handled::Done);
             }
             match self.d.store.save_run(&run, ver, &fx).await {

@@ -46,7 +46,11 @@ pub struct RunSummary {
     pub playbook_version: u32,
     pub status: RunStatus,
     pub created_at: Millis,
-    pub updated_at: Millis,
+    /// When it ended; `None` while it runs. (Not when it last changed: on DynamoDB the list
+    /// comes from an index that is then rewritten only when the status changes, not at every
+    /// step.)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<Millis>,
 }
 
 /// What happened to one alert or recommendation: the rules' verdicts and the runs started.

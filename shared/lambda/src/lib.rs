@@ -157,11 +157,13 @@ pub async fn on_event(service: &Service, event: &Value, kind: AlertKind) -> Resu
     }
 }
 
-/// The step worker: one SQS batch. `max_receives` is the queue's redrive `maxReceiveCount`.
+/// The step worker: one SQS batch. `max_receives` is the queue's redrive `maxReceiveCount`;
+/// `budget`, the time the invocation has left (see [`remaining`]), bounds the steps carried.
 pub async fn on_messages(
     service: &Service,
     event: SqsEvent,
     max_receives: u32,
+    budget: Option<std::time::Duration>,
 ) -> SqsBatchResponse {
     // The messages of a batch are handled at once: the batch then takes as long as its slowest
     // message, never the sum, so one slow vendor cannot run the function out of time.
@@ -169,7 +171,7 @@ pub async fn on_messages(
         event
             .records
             .into_iter()
-            .map(|record| on_message(service, record, max_receives)),
+            .map(|record| on_message(service, record, max_receives, budget)),
     )
     .await;
     let mut response = SqsBatchResponse::default();
@@ -177,11 +179,21 @@ pub async fn on_messages(
     response
 }
 
+/// The time left before an invocation's deadline (milliseconds since the epoch, as the Lambda
+/// context gives it).
+pub fn remaining(deadline_ms: u64) -> std::time::Duration {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    std::time::Duration::from_millis(deadline_ms).saturating_sub(now)
+}
+
 /// One message of a batch: `Some(failure)` when it must be delivered again.
 async fn on_message(
     service: &Service,
     record: aws_lambda_events::sqs::SqsMessage,
     max_receives: u32,
+    budget: Option<std::time::Duration>,
 ) -> Option<BatchItemFailure> {
     let id = record.message_id.clone().unwrap_or_default();
     let body = record.body.clone().unwrap_or_default();
@@ -198,7 +210,7 @@ async fn on_message(
         .get("ApproximateReceiveCount")
         .and_then(|n| n.parse().ok())
         .unwrap_or(1);
-    let reason = match service.handle(&msg).await {
+    let reason = match service.handle_within(&msg, budget).await {
         Ok(Handled::Done) => return None,
         Ok(Handled::Retry { reason, .. }) => reason,
         Err(e) => e.to_string(),

@@ -508,13 +508,15 @@ impl Store for SqliteStore {
         rows.map(|row| {
             let (id, playbook_id, playbook_version, status, created_at, updated_at) =
                 row.map_err(unavailable)?;
+            let status: RunStatus = from_json("status", &format!("\"{status}\""))?;
             Ok(RunSummary {
                 id,
                 playbook_id,
                 playbook_version,
-                status: from_json("status", &format!("\"{status}\""))?,
+                // A finished run is not written again: its last update is its end.
+                finished_at: status.is_terminal().then_some(updated_at),
+                status,
                 created_at,
-                updated_at,
             })
         })
         .collect()

@@ -686,6 +686,7 @@ impl<'a> Engine<'a> {
         it.started_at.get_or_insert(now);
         it.lease_until = Some(lease);
         it.claimed_by = Some(self.worker.id.clone());
+        it.carrier = None;
         run.steps[si].started_at.get_or_insert(now);
         if run.steps[si].status == StepStatus::Queued {
             set_status(&mut run.steps[si].status, StepStatus::Running);
@@ -751,6 +752,59 @@ impl<'a> Engine<'a> {
         }
         Self::update_status(run, now, fx);
         Claim::Execute(work)
+    }
+
+    /// Marks a claimed step as carried: its worker claimed it in the write that finished the step
+    /// before it, so no message of its own is in any queue. The message that worker was handling
+    /// stays undeleted until the carried steps are recorded; delivered again, it takes them over
+    /// ([`Engine::orphan`]).
+    pub fn mark_carried(&self, run: &mut Run, msg: &StepMessage, carrier: &StepMessage) {
+        if let Some(si) = self.step_index(run, msg)
+            && let Some(it) = run.steps[si].iterations.get_mut(msg.iteration as usize)
+            && it.status == StepStatus::Running
+        {
+            it.carrier = Some(carrier.carrier_key());
+        }
+    }
+
+    /// A step carried under `carrier` whose worker is presumed lost: `Ok` with the message to
+    /// handle for it (as if it had been delivered: the claim takes the step over); `Err(until)`
+    /// while that worker's lease lasts; `None` when no step carried under it is running.
+    pub fn orphan(
+        &self,
+        run: &Run,
+        carrier: &StepMessage,
+        now: Millis,
+    ) -> Option<Result<StepMessage, Millis>> {
+        if run.status.is_terminal() {
+            return None;
+        }
+        let key = carrier.carrier_key();
+        let mut busy_until = None;
+        for st in &run.steps {
+            for (i, it) in st.iterations.iter().enumerate() {
+                if !(it.status == StepStatus::Running && it.carrier.as_deref() == Some(&key)) {
+                    continue;
+                }
+                let lost = self.worker.exclusive
+                    && it.claimed_by.as_deref() != Some(self.worker.id.as_str());
+                match it.lease_until {
+                    Some(until) if until > now && !lost => {
+                        busy_until = Some(busy_until.map_or(until, |b: Millis| b.min(until)));
+                    }
+                    _ => {
+                        return Some(Ok(StepMessage {
+                            run_id: run.id.clone(),
+                            step: st.id.clone(),
+                            iteration: i as u32,
+                            attempt: it.attempt,
+                            kind: MessageKind::Execute,
+                        }));
+                    }
+                }
+            }
+        }
+        busy_until.map(Err)
     }
 
     /// What a claimed `playbook` step asks to start: (child playbook id, its input, trigger).
@@ -982,6 +1036,7 @@ impl<'a> Engine<'a> {
         let step = &self.playbook.steps[si];
         let idx = msg.iteration as usize;
         let step_id = step.id.as_str();
+        run.steps[si].iterations[idx].carrier = None;
         match outcome {
             Outcome::Done(v) => {
                 let it = &mut run.steps[si].iterations[idx];

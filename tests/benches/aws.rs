@@ -235,6 +235,8 @@ struct Written {
     kind: &'static str,
     /// The item's size as sent (puts only).
     put_size: Option<usize>,
+    /// The item as sent (puts only).
+    put_item: Option<Value>,
     conditional: bool,
     transactional: bool,
     /// The request sets or removes the gsi1 key.
@@ -254,6 +256,7 @@ fn written_items(index: usize, call: &Call) -> Vec<Written> {
             key: item_key(key_source),
             kind,
             put_size,
+            put_item: (kind == "Put").then(|| body["Item"].clone()),
             conditional: body.get("ConditionExpression").is_some(),
             transactional,
             touches_gsi1: body.to_string().contains("gsi1pk"),
@@ -393,6 +396,56 @@ fn write_costs(
             seen.entry(w.key.clone()).or_default().push((w.call, size));
         }
     }
+    // Every time an item's whole content was seen, in call order: base-table reads (an index
+    // returns only its projection) and puts.
+    let mut known: BTreeMap<String, Vec<(usize, Value)>> = BTreeMap::new();
+    for (i, call) in calls.iter().enumerate() {
+        if call.request.get("IndexName").is_some() {
+            continue;
+        }
+        let items: Vec<Value> = match call.operation.as_str() {
+            "GetItem" => call.response.get("Item").cloned().into_iter().collect(),
+            "Query" => call.response["Items"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default(),
+            _ => vec![],
+        };
+        for item in items {
+            known.entry(item_key(&item)).or_default().push((i, item));
+        }
+    }
+    for w in writes {
+        if let Some(item) = &w.put_item {
+            known
+                .entry(w.key.clone())
+                .or_default()
+                .push((w.call, item.clone()));
+        }
+    }
+    for obs in known.values_mut() {
+        obs.sort_by_key(|(i, _)| *i);
+    }
+    // An update that clears an outbox removes gsi1's key: the item as it stands after it.
+    for w in writes
+        .iter()
+        .filter(|w| w.kind == "Update" && w.touches_gsi1)
+    {
+        let Some(obs) = known.get_mut(&w.key) else {
+            continue;
+        };
+        let Some((_, last)) = obs.iter().rfind(|(i, _)| *i < w.call) else {
+            continue;
+        };
+        let mut after = last.clone();
+        if let Some(m) = after.as_object_mut() {
+            for attr in ["gsi1pk", "gsi1sk", "outbox", "outbox_id"] {
+                m.remove(attr);
+            }
+        }
+        obs.push((w.call, after));
+        obs.sort_by_key(|(i, _)| *i);
+    }
     writes
         .iter()
         .map(|w| {
@@ -416,25 +469,62 @@ fn write_costs(
             if w.kind == "ConditionCheck" {
                 return WriteCost { base, gsi: 0.0 };
             }
-            let final_item = final_items.get(&w.key);
-            let has = |attr: &str| final_item.is_some_and(|i| i.get(attr).is_some());
-            // Each index bills its own copy, at the size of what it projects: the keys plus its
-            // INCLUDE attributes (riposte_aws::table), never the run body.
-            let projected = |extra: &[&str]| -> usize {
-                let keys = ["pk", "sk", "gsi1pk", "gsi1sk", "gsi2pk", "gsi2sk"];
-                final_item.and_then(Value::as_object).map_or(0, |m| {
-                    m.iter()
-                        .filter(|(k, _)| keys.contains(&k.as_str()) || extra.contains(&k.as_str()))
-                        .map(|(k, v)| k.len() + value_size(v))
-                        .sum()
-                })
-            };
+            // Each index bills its own copy, at the size of what it projects (the keys plus its
+            // INCLUDE attributes, riposte_aws::table; never the run body), and only when that copy
+            // changes: put into the index (1 write), removed from it (1), its index key changed
+            // (2: a delete and a put), or a projected attribute changed (1); a write that changes
+            // nothing the index holds costs the index nothing (the developer guide's "Global
+            // secondary indexes: writes").
+            let before_item = known
+                .get(&w.key)
+                .and_then(|obs| obs.iter().rfind(|(i, _)| *i < w.call))
+                .map(|(_, item)| item.clone());
             let mut gsi = 0.0;
-            if has("gsi2pk") {
-                gsi += factor * wru(projected(riposte_aws::table::GSI2_ATTRIBUTES));
-            }
-            if has("gsi1pk") || w.touches_gsi1 {
-                gsi += factor * wru(projected(riposte_aws::table::GSI1_ATTRIBUTES));
+            for (pk, sk, attrs) in [
+                ("gsi1pk", "gsi1sk", riposte_aws::table::GSI1_ATTRIBUTES),
+                ("gsi2pk", "gsi2sk", riposte_aws::table::GSI2_ATTRIBUTES),
+                ("gsi3pk", "gsi3sk", riposte_aws::table::GSI3_ATTRIBUTES),
+            ] {
+                let view = |item: &Option<Value>| -> Option<Value> {
+                    let m = item.as_ref()?.as_object()?;
+                    m.get(pk)?;
+                    Some(Value::Object(
+                        m.iter()
+                            .filter(|(k, _)| {
+                                ["pk", "sk", pk, sk].contains(&k.as_str())
+                                    || attrs.contains(&k.as_str())
+                            })
+                            .map(|(k, v)| (k.clone(), v.clone()))
+                            .collect(),
+                    ))
+                };
+                let size = |v: &Value| {
+                    v.as_object().map_or(0, |m| {
+                        m.iter()
+                            .map(|(k, x)| k.len() + value_size(x))
+                            .sum::<usize>()
+                    })
+                };
+                let before = view(&before_item);
+                let after = match w.kind {
+                    "Put" => view(&w.put_item),
+                    "Delete" => None,
+                    // The store's updates of an indexed item only remove gsi1's key (clearing
+                    // an outbox); any other update leaves the indexes as they were.
+                    _ if pk == "gsi1pk" && w.touches_gsi1 => None,
+                    _ => before.clone(),
+                };
+                gsi += factor
+                    * match (&before, &after) {
+                        (None, None) => 0.0,
+                        (None, Some(a)) => wru(size(a)),
+                        (Some(b), None) => wru(size(b)),
+                        (Some(b), Some(a)) if b[pk] != a[pk] || b[sk] != a[sk] => {
+                            wru(size(b)) + wru(size(a))
+                        }
+                        (Some(b), Some(a)) if b != a => wru(size(a)),
+                        _ => 0.0,
+                    };
             }
             WriteCost { base, gsi }
         })

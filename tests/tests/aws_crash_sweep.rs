@@ -637,7 +637,7 @@ impl Deployment {
     }
 
     /// Nothing can move until time passes: the visibility timeout lapses (failed messages come
-    /// back) and the timer function runs (due timers, stale outboxes).
+    /// back) and the timer function runs (due timers and wakes, stale outboxes).
     async fn pass_time(&mut self) {
         self.clock.advance(Millis::from(VISIBILITY_S) * 1000 + 1000);
         for m in self.parked.drain(..) {
@@ -652,9 +652,10 @@ impl Deployment {
         }
         let now = self.clock.now();
         let fired = self.timer.fire_due_timers(now).await.unwrap();
+        let woken = self.timer.fire_due_wakes(now).await.unwrap();
         let flushed = self.timer.flush_stale_outboxes(now).await.unwrap();
         self.notes.push(format!(
-            "{VISIBILITY_S} s passed; timer fired {fired} timers, flushed {flushed} outboxes"
+            "{VISIBILITY_S} s passed; timer fired {fired} timers and {woken} wakes, flushed {flushed} outboxes"
         ));
     }
 

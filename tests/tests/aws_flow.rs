@@ -388,19 +388,17 @@ async fn an_unanswered_approval_expires_through_the_timer_function() {
     })
     .await;
     use riposte_core::ports::Clock;
-    // Four hours is past SQS's 15-minute delay: the expiry waits as a timer item.
+    // Four hours is past SQS's 15-minute delay: the expiry waits with the run (its wake index),
+    // not as a queued message or a timer item.
     assert_eq!(
-        a.store.fire_due_timers(a.clock.now()).await.unwrap(),
+        a.store.fire_due_wakes(a.clock.now()).await.unwrap(),
         0,
         "not due yet"
     );
-    a.clock.advance(4 * 3_600_000 + 1_000);
-    assert_eq!(a.store.fire_due_timers(a.clock.now()).await.unwrap(), 1);
-    assert_eq!(
-        a.store.fire_due_timers(a.clock.now()).await.unwrap(),
-        0,
-        "fired once"
-    );
+    assert_eq!(a.store.fire_due_timers(a.clock.now()).await.unwrap(), 0);
+    a.clock.advance(4 * 3_600_000 + 10_000);
+    assert_eq!(a.store.fire_due_timers(a.clock.now()).await.unwrap(), 0);
+    assert_eq!(a.store.fire_due_wakes(a.clock.now()).await.unwrap(), 1);
     let run = a.until(&id, "finished", |r| r.status.is_terminal()).await;
     assert_eq!(
         run.status,

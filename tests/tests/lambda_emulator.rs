@@ -478,6 +478,7 @@ async fn each_function_binary_answers_its_sample_under_cargo_lambda_watch() {
         .invoke(&http, "timer", &event("schedule-timer.json"), LATER_CALL)
         .await;
     assert_eq!(out["timers_fired"], 0, "{out}");
+    assert_eq!(out["wakes_fired"], 0, "{out}");
     assert!(out["outboxes_flushed"].is_u64(), "{out}");
 
     // The HTTP functions, through their function URLs (lambda_http).

@@ -78,8 +78,10 @@ fn code_uses(binary: &str) -> &'static [&'static str] {
             "dynamodb:GetItem",
             // Store::save_run of the decision (commit_run), put_timer.
             "dynamodb:PutItem",
-            // DynamoStore::clear_outbox.
+            // DynamoStore::clear_outbox; expire_input when the decision ends the run.
             "dynamodb:UpdateItem",
+            // DynamoStore::read_run: one query of the run's partition (run and input items).
+            "dynamodb:Query",
             // DynamoStore::flush: the steps the decision made ready.
             "sqs:SendMessage",
         ],
@@ -89,10 +91,12 @@ fn code_uses(binary: &str) -> &'static [&'static str] {
             // latest version of a sub-playbook (get_playbook); from_env's warm-up read.
             "dynamodb:GetItem",
             // Store::save_run (a put, or a transaction of puts with the child runs it creates),
-            // put_timer for waits and approval expiries past 15 minutes.
+            // put_timer for retries past 15 minutes.
             "dynamodb:PutItem",
-            // DynamoStore::clear_outbox.
+            // DynamoStore::clear_outbox; expire_input when a write ends the run.
             "dynamodb:UpdateItem",
+            // DynamoStore::read_run: one query of the run's partition (run and input items).
+            "dynamodb:Query",
             // Lambda's SQS event source mapping polls the step queue with the function's role.
             "sqs:ReceiveMessage",
             "sqs:DeleteMessage",
@@ -117,9 +121,10 @@ fn code_uses(binary: &str) -> &'static [&'static str] {
             "iam:AttachUserPolicy",
             "iam:AttachRolePolicy",
         ],
-        // functions/timer: DynamoStore::fire_due_timers and DynamoStore::flush_stale_outboxes
+        // functions/timer: DynamoStore::fire_due_timers, fire_due_wakes and flush_stale_outboxes
         "timer" => &[
-            // fire_shard (TIMERS#<n> on the table) and flush_stale_outboxes (OUTBOX#<n>, gsi1).
+            // fire_shard (TIMERS#<n> on the table), flush_stale_outboxes (OUTBOX#<n>, gsi1),
+            // fire_due_wakes (WAKE#<n>, gsi3) and the runs it reads (read_run, on the table).
             "dynamodb:Query",
             // fire_shard claims a due timer with a conditional update; clear_outbox.
             "dynamodb:UpdateItem",
@@ -146,7 +151,12 @@ fn queries(binary: &str) -> BTreeSet<&'static str> {
             "${Table.Arn}/index/gsi1",
             "${Table.Arn}/index/gsi2",
         ],
-        "timer" => &["${Table.Arn}", "${Table.Arn}/index/gsi1"],
+        "timer" => &[
+            "${Table.Arn}",
+            "${Table.Arn}/index/gsi1",
+            "${Table.Arn}/index/gsi3",
+        ],
+        "step-worker" | "approval-response" => &["${Table.Arn}"],
         _ => &[],
     };
     set.iter().copied().collect()
@@ -935,6 +945,7 @@ fn the_deployed_indexes_copy_what_the_store_reads() {
     };
     assert_eq!(attributes("gsi1"), riposte_aws::table::GSI1_ATTRIBUTES);
     assert_eq!(attributes("gsi2"), riposte_aws::table::GSI2_ATTRIBUTES);
+    assert_eq!(attributes("gsi3"), riposte_aws::table::GSI3_ATTRIBUTES);
 }
 
 /// An HTTP call never outlives the function that makes it: every shipped operation's requests,

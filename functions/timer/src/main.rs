@@ -1,5 +1,6 @@
 //! timer: every minute, sends the step messages whose time has come (approval expiries and
-//! waits longer than SQS's 15-minute delay) and re-sends outboxes a crashed writer left behind.
+//! waits longer than SQS's 15-minute delay: waiting runs by their wake index, and timer items)
+//! and re-sends outboxes a crashed writer left behind.
 
 use lambda_runtime::{Error, LambdaEvent, run, service_fn};
 use riposte_core::ports::Clock;
@@ -17,12 +18,16 @@ async fn main() -> Result<(), Error> {
                 .fire_due_timers(now)
                 .await
                 .map_err(|e| Error::from(e.to_string()))?;
+            let woken = store
+                .fire_due_wakes(now)
+                .await
+                .map_err(|e| Error::from(e.to_string()))?;
             let flushed = store
                 .flush_stale_outboxes(now)
                 .await
                 .map_err(|e| Error::from(e.to_string()))?;
             Ok::<Value, Error>(
-                serde_json::json!({"timers_fired": fired, "outboxes_flushed": flushed}),
+                serde_json::json!({"timers_fired": fired, "wakes_fired": woken, "outboxes_flushed": flushed}),
             )
         }
     }))

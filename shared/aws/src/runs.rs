@@ -30,8 +30,8 @@ use crate::size::{
     BODY_TARGET_BYTES, ITEM_OVERHEAD_BYTES, MAX_ITEM_BYTES, MIN_BODY_BYTES, fit_body,
 };
 use crate::table::{
-    GSI1, GSI2, GSI2_RUNS, SHARDS, SK_INPUT, SK_RUN, TTL_ATTRIBUTE, outbox_gsi1pk, outbox_gsi1sk,
-    pad, run_gsi2sk, run_pk, shard_of, timer_pk, timer_sk,
+    GSI1, GSI2, GSI2_RUNS, GSI3, SHARDS, SK_INPUT, SK_RUN, TTL_ATTRIBUTE, outbox_gsi1pk,
+    outbox_gsi1sk, pad, run_gsi2sk, run_pk, shard_of, timer_pk, timer_sk, wake_gsi3pk, wake_gsi3sk,
 };
 
 /// SendMessageBatch takes at most 10 entries.
@@ -52,6 +52,9 @@ const TIMER_CLAIM_MS: Millis = 60_000;
 pub const OUTBOX_GRACE_MS: Millis = 5_000;
 /// Pauses of a refused writer waiting for a young outbox to be cleared by its writer.
 const PATIENCE_MS: [u64; 5] = [50, 100, 200, 400, 800];
+/// How long after a waiting run's wake the timer sends it (a wake due within SQS's delay was
+/// queued too, and that message is most likely handled by then).
+pub const WAKE_GRACE_MS: Millis = 5_000;
 /// The sweep sends outboxes pending for longer than this.
 pub const STALE_OUTBOX_MS: Millis = 60_000;
 /// Pages of one outbox shard read per sweep (25 runs each).
@@ -101,6 +104,10 @@ impl DynamoStore {
         if let Some(at) = run.finished_at {
             item.insert("finished_at".into(), n(at));
         }
+        if let Some(at) = run.wakes().iter().map(|w| w.1).min() {
+            item.insert("gsi3pk".into(), s(wake_gsi3pk(&run.id)));
+            item.insert("gsi3sk".into(), s(wake_gsi3sk(at, &run.id)));
+        }
         if run.status.is_terminal()
             && let Some(at) = self.expiry(now)
         {
@@ -123,17 +130,29 @@ impl DynamoStore {
         // refusal is recognised as this very write having landed (an SDK retry after a timeout).
         let token = unique_token();
         let write_id = format!("{version}.{token}");
-        let outbox = Outbox::new(write_id.clone(), now, &fx.messages);
+        // The messages the run waits for past SQS's longest delay stay with the run (its wake
+        // index): no timer item, no outbox; gone with the next write if no longer waited for.
+        let wakes = run.wakes();
+        let messages: Vec<(StepMessage, u64)> = fx
+            .messages
+            .iter()
+            .filter(|(m, delay)| {
+                let due = now.saturating_add(Millis::try_from(*delay).unwrap_or(Millis::MAX));
+                !(queue_delay(due, now).is_none() && wakes.iter().any(|(w, _)| w == m))
+            })
+            .cloned()
+            .collect();
+        let outbox = Outbox::new(write_id.clone(), now, &messages);
         let outbox_json = outbox.as_ref().map(Outbox::to_json).transpose()?;
         let outbox_len = outbox_json.as_ref().map_or(0, String::len);
+        let messages_len = messages.len();
         let budget = BODY_TARGET_BYTES.min(
             MAX_ITEM_BYTES.saturating_sub(ITEM_OVERHEAD_BYTES + outbox_len + 2 * run.id.len()),
         );
         if budget < MIN_BODY_BYTES {
             return Err(StoreError::Unavailable(format!(
                 "run {}: {} messages in one write ({outbox_len} bytes) leave no room for the run",
-                run.id,
-                fx.messages.len()
+                run.id, messages_len
             )));
         }
         if expected.is_none() {
@@ -698,6 +717,56 @@ impl DynamoStore {
             start = page.last_evaluated_key;
             if start.is_none() {
                 break;
+            }
+        }
+        Ok(fired)
+    }
+
+    /// Sends the messages of waiting runs that are due at `now` ([`Run::wakes`]), found by the wake
+    /// index; only runs whose earliest wake passed [`WAKE_GRACE_MS`] ago (a wake within SQS's
+    /// delay was also queued, and is most likely handled by then). Each run is read before
+    /// anything is sent; a message sent twice is stale the second time. Reads at most 4 pages of
+    /// 100 runs per shard per call; returns how many messages it sent.
+    pub async fn fire_due_wakes(&self, now: Millis) -> Result<usize, StoreError> {
+        let cutoff = pad(now.saturating_sub(WAKE_GRACE_MS).saturating_add(1));
+        let mut fired = 0;
+        for shard in 0..SHARDS {
+            let mut start = None;
+            for _ in 0..TIMER_PAGES {
+                let page = self
+                    .dynamo
+                    .query()
+                    .table_name(&self.config.table)
+                    .index_name(GSI3)
+                    .key_condition_expression("gsi3pk = :pk AND gsi3sk < :cutoff")
+                    .set_expression_attribute_values(values([
+                        (":pk", s(format!("WAKE#{shard}"))),
+                        (":cutoff", s(cutoff.clone())),
+                    ]))
+                    .limit(TIMER_PAGE_SIZE)
+                    .set_exclusive_start_key(start)
+                    .send()
+                    .await
+                    .map_err(|e| unavailable("reading waiting runs", e))?;
+                for item in page.items() {
+                    let run_id = item.str("id")?;
+                    // The index lags: the run itself says what is due.
+                    let Some((run, _)) = self.read_run(run_id).await? else {
+                        continue;
+                    };
+                    let due: Vec<(StepMessage, i32)> = run
+                        .wakes()
+                        .into_iter()
+                        .filter(|(_, at)| *at <= now)
+                        .map(|(m, _)| (m, 0))
+                        .collect();
+                    self.send(&due).await?;
+                    fired += due.len();
+                }
+                start = page.last_evaluated_key;
+                if start.is_none() {
+                    break;
+                }
             }
         }
         Ok(fired)

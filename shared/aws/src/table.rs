@@ -11,6 +11,10 @@
 //! | audit entry       | `AUDIT`              | `<at:020>#<seq>#<unique>`   |                                   |                         |
 //! | timer             | `TIMERS#<0..15>`     | `<due ms:020>#<unique>`     |                                   |                         |
 //!
+//! A waiting run also has gsi3 `WAKE#<0..15>` / `<earliest wake:020>#<id>`: the messages it
+//! waits for ([`riposte_core::run::Run::wakes`]) are not queued when due beyond SQS's 15-minute
+//! delay; the timer finds the run by this index when the first is due, and sends them.
+//!
 //! A run item also holds `id`, `version` (N), `status`, `playbook_id`, `playbook_version`,
 //! `created_at`, `updated_at`, `finished_at` (once finished), `z` (the run as JSON without its
 //! input, deflated: [`crate::run_of_item`] reads it), `write_id` (names the write that stored it)
@@ -43,6 +47,8 @@ use riposte_core::store::StoreError;
 pub const GSI1: &str = "gsi1";
 /// The runs-by-creation-time index.
 pub const GSI2: &str = "gsi2";
+/// The index of waiting runs by their earliest wake time (approval expiries, long waits).
+pub const GSI3: &str = "gsi3";
 /// The TTL attribute (epoch seconds).
 pub const TTL_ATTRIBUTE: &str = "expires_at";
 
@@ -105,6 +111,14 @@ pub(crate) fn event_pk(id: &str) -> String {
     format!("EVENT#{id}")
 }
 
+pub(crate) fn wake_gsi3pk(run_id: &str) -> String {
+    format!("WAKE#{}", shard_of(run_id))
+}
+
+pub(crate) fn wake_gsi3sk(due: Millis, run_id: &str) -> String {
+    format!("{}#{run_id}", pad(due))
+}
+
 pub(crate) fn timer_pk(shard: u32) -> String {
     format!("TIMERS#{shard}")
 }
@@ -142,6 +156,8 @@ fn string_attribute(name: &str) -> AttributeDefinition {
 /// What gsi1 copies: a rule's JSON (`rule`), a playbook head's `latest` and `deleted`, and the ids
 /// pending outboxes are found by. Not a run's body: an index bills every copy at its size.
 pub const GSI1_ATTRIBUTES: &[&str] = &["id", "rule", "latest", "deleted"];
+/// What gsi3 copies: the run's id (the timer reads the run itself).
+pub const GSI3_ATTRIBUTES: &[&str] = &["id"];
 /// What gsi2 copies: a run's summary, all that `list_runs` reads.
 pub const GSI2_ATTRIBUTES: &[&str] = &[
     "id",
@@ -180,10 +196,13 @@ pub fn table_definition(client: &Client, name: &str) -> CreateTableFluentBuilder
         .attribute_definitions(string_attribute("gsi1sk"))
         .attribute_definitions(string_attribute("gsi2pk"))
         .attribute_definitions(string_attribute("gsi2sk"))
+        .attribute_definitions(string_attribute("gsi3pk"))
+        .attribute_definitions(string_attribute("gsi3sk"))
         .key_schema(key("pk", KeyType::Hash))
         .key_schema(key("sk", KeyType::Range))
         .global_secondary_indexes(index(GSI1, "gsi1pk", "gsi1sk", GSI1_ATTRIBUTES))
         .global_secondary_indexes(index(GSI2, "gsi2pk", "gsi2sk", GSI2_ATTRIBUTES))
+        .global_secondary_indexes(index(GSI3, "gsi3pk", "gsi3sk", GSI3_ATTRIBUTES))
 }
 
 /// Creates the table, waits (at most two minutes) until it is active, and turns on its TTL.

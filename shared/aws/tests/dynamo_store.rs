@@ -59,7 +59,7 @@ fn ids(rules: &[Rule]) -> Vec<&str> {
 }
 
 #[tokio::test]
-async fn the_table_has_both_indexes_on_demand_with_ttl() {
+async fn the_table_has_its_three_indexes_on_demand_with_ttl() {
     let f = fixture().await;
     let t = f
         .dynamo
@@ -107,6 +107,15 @@ async fn the_table_has_both_indexes_on_demand_with_ttl() {
                 vec!["gsi2pk".to_string(), "gsi2sk".to_string()],
                 Some(ProjectionType::Include),
                 riposte_aws::table::GSI2_ATTRIBUTES
+                    .iter()
+                    .map(|a| a.to_string())
+                    .collect::<Vec<_>>()
+            ),
+            (
+                "gsi3".to_string(),
+                vec!["gsi3pk".to_string(), "gsi3sk".to_string()],
+                Some(ProjectionType::Include),
+                riposte_aws::table::GSI3_ATTRIBUTES
                     .iter()
                     .map(|a| a.to_string())
                     .collect::<Vec<_>>()
@@ -866,4 +875,68 @@ async fn rate_cap_tokens_run_out_atomically_and_settings_round_trip() {
     let on = json!({"on": true, "by": "carl", "at": T0, "reason": "review"});
     f.store.put_setting("kill_switch", &on).await.unwrap();
     assert_eq!(f.store.get_setting("kill_switch").await.unwrap(), Some(on));
+}
+
+#[tokio::test]
+async fn a_waiting_runs_far_wake_is_kept_with_the_run_and_sent_by_the_timer_when_due() {
+    let f = fixture().await;
+    let r = run("r1", T0);
+    f.store.create_run(&r, &none()).await.unwrap();
+    // The approval step begins to wait: its expiry, 4 h out, is what the engine sends.
+    let due = T0 + 4 * HOUR as i64;
+    let mut it = Iteration::new(None);
+    it.status = StepStatus::Waiting;
+    it.wake_at = Some(due);
+    it.approval = Some(riposte_core::run::ApprovalState {
+        nonce_hash: "h".into(),
+        message: "Block?".into(),
+        choices: vec!["block".into(), "ignore".into()],
+        default: Some("ignore".into()),
+        approvers: vec![],
+        expires_at: due,
+        decision: None,
+        sent: vec![],
+    });
+    let mut waiting = r.clone();
+    waiting.status = RunStatus::Waiting;
+    waiting.steps = vec![StepState {
+        id: "approve".into(),
+        status: StepStatus::Waiting,
+        iterations: vec![it],
+        looped: false,
+        output: None,
+        error: None,
+        switch_value: None,
+        started_at: Some(T0),
+        finished_at: None,
+    }];
+    let mut expiry = msg("r1", "approve");
+    expiry.kind = MessageKind::ApprovalExpired;
+    assert_eq!(waiting.wakes(), [(expiry.clone(), due)]);
+    f.store
+        .save_run(&waiting, 1, &sends(&[(expiry.clone(), 4 * HOUR)]))
+        .await
+        .unwrap();
+    // Nothing queued, no outbox, no timer item: the run's wake index holds it.
+    assert!(f.drain().await.is_empty());
+    let raw = f.raw_run("r1").await.unwrap();
+    assert!(!raw.contains_key("outbox"));
+    assert_eq!(
+        attr_s(&raw, "gsi3pk").map(|p| p.starts_with("WAKE#")),
+        Some(true)
+    );
+    assert_eq!(f.store.fire_due_timers(due).await.unwrap(), 0);
+    // The timer sends it once due (after a few seconds' grace), not before.
+    assert_eq!(f.store.fire_due_wakes(due - 60_000).await.unwrap(), 0);
+    assert_eq!(f.store.fire_due_wakes(due + 10_000).await.unwrap(), 1);
+    assert_eq!(f.drain().await, [expiry]);
+    // Answered before, the run no longer waits for it: the index entry goes with the write.
+    let mut answered = waiting.clone();
+    answered.status = RunStatus::Running;
+    answered.steps[0].iterations[0].status = StepStatus::Succeeded;
+    answered.steps[0].iterations[0].wake_at = None;
+    f.store.save_run(&answered, 2, &none()).await.unwrap();
+    assert!(!f.raw_run("r1").await.unwrap().contains_key("gsi3pk"));
+    assert_eq!(f.store.fire_due_wakes(due + 120_000).await.unwrap(), 0);
+    assert!(f.drain().await.is_empty());
 }

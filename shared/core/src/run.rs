@@ -185,6 +185,44 @@ pub struct Iteration {
     pub child_run: Option<String>,
 }
 
+impl Run {
+    /// The messages this run waits for and when each is due: one per waiting iteration with a
+    /// wake time (an approval's expiry, the end of a `wait`, a child run's timeout), as the engine
+    /// sent them when the iteration began to wait. A host may keep them with the run instead of
+    /// queueing them (the DynamoDB store indexes the earliest) and send them when due.
+    pub fn wakes(&self) -> Vec<(StepMessage, Millis)> {
+        let mut out = Vec::new();
+        if self.status.is_terminal() {
+            return out;
+        }
+        for st in &self.steps {
+            for (i, it) in st.iterations.iter().enumerate() {
+                let (StepStatus::Waiting, Some(at)) = (it.status, it.wake_at) else {
+                    continue;
+                };
+                let kind = if it.approval.is_some() {
+                    MessageKind::ApprovalExpired
+                } else if it.child_run.is_some() {
+                    MessageKind::Timeout
+                } else {
+                    MessageKind::Resume
+                };
+                out.push((
+                    StepMessage {
+                        run_id: self.id.clone(),
+                        step: st.id.clone(),
+                        iteration: u32::try_from(i).unwrap_or(u32::MAX),
+                        attempt: it.attempt,
+                        kind,
+                    },
+                    at,
+                ));
+            }
+        }
+        out
+    }
+}
+
 impl Iteration {
     pub fn new(item: Option<Value>) -> Iteration {
         Iteration {

@@ -32,6 +32,9 @@ use crate::store::{AlertRecord, AuditEntry, EventRecord, Store, StoreError, Stor
 const MAX_CONFLICT_RETRIES: usize = 16;
 /// The most steps one message carries (performs after its own, with no message of their own).
 const MAX_CARRIED: usize = 64;
+/// The most steps one write claims to carry: a step's successors are carried, but a wider fan-out
+/// (a `for_each` over many entities) goes out as messages, to run in parallel.
+const CARRIED_PER_WRITE: usize = 2;
 /// Time kept free beyond a carried step's timeout before the invocation's deadline.
 const CARRY_MARGIN_MS: Millis = 5_000;
 /// The largest input a manual run accepts.
@@ -175,6 +178,16 @@ pub fn derived_run_id(alert_id: &str, rule_id: &str, playbook_id: &str) -> Strin
         h.update(part.as_bytes());
     }
     format!("r{}", &hex::encode(h.finalize())[..25])
+}
+
+/// The longest a step's attempt may take: its timeout, or the default.
+fn timeout_of(engine: &Engine<'_>, msg: &StepMessage) -> Millis {
+    let ms = engine
+        .playbook
+        .step(&msg.step)
+        .and_then(|(_, s)| s.timeout_ms)
+        .unwrap_or(crate::engine::DEFAULT_ACTION_TIMEOUT_MS);
+    Millis::try_from(ms).unwrap_or(Millis::MAX)
 }
 
 /// Whether claimed work may be done before its claim is written: a declared repeat-safe action
@@ -324,9 +337,13 @@ impl Service {
             .ok_or_else(|| {
                 Error::NotFound(format!("playbook `{id}` version {version} not found"))
             })?;
+        self.compiled(key, stored.spec)
+    }
+
+    /// Compiles a stored version and keeps it (versions never change).
+    fn compiled(&self, key: (String, u32), spec: PlaybookSpec) -> Result<Arc<Playbook>, Error> {
         let p = Arc::new(
-            playbook::compile(stored.spec, version, self.d.catalog.as_ref())
-                .map_err(Error::Invalid)?,
+            playbook::compile(spec, key.1, self.d.catalog.as_ref()).map_err(Error::Invalid)?,
         );
         self.playbooks
             .lock()
@@ -342,7 +359,12 @@ impl Service {
             .get_playbook(id, None)
             .await?
             .ok_or_else(|| Error::NotFound(format!("playbook `{id}` not found")))?;
-        self.playbook(id, stored.version).await
+        let key = (id.to_string(), stored.version);
+        if let Some(p) = self.playbooks.lock().map_err(|_| poisoned())?.get(&key) {
+            return Ok(p.clone());
+        }
+        // Compiled from what was just read, not read again.
+        self.compiled(key, stored.spec)
     }
 
     /// The enabled and disabled rules, compiled, indexed and in evaluation order.
@@ -779,59 +801,91 @@ impl Service {
             fx = Effects::default();
         }
         let mut queue = std::collections::VecDeque::from([(msg, work, first_claim_written)]);
-        // Once a write is refused (the run changed elsewhere), the copy held here is stale: the
-        // remaining outcomes are recorded on the run as it stands, and nothing more is carried.
-        let mut stale = false;
-        // What the queue is told: `Retry` when a recording could not settle its message.
+        // What the queue is told: `Retry` when an outcome could not be recorded, or steps are
+        // still carried under this message by another worker.
         let mut handled = Handled::Done;
         let mut carried = 0;
         while let Some((msg, work, claim_written)) = queue.pop_front() {
             let outcome = self.perform(&work).await;
-            if stale {
-                let h = self
-                    .record(&msg, outcome, claim_written, carrier, until)
-                    .await?;
-                if h != Handled::Done {
-                    handled = h;
-                }
-                continue;
-            }
-            let now = self.now();
-            if !engine.finish(&mut run, &msg, outcome.clone(), now, &mut fx) {
-                continue;
-            }
-            let next = if carried < MAX_CARRIED {
-                self.carry(engine, &mut run, &mut fx, carrier, until, now)
-                    .await
-            } else {
-                vec![]
-            };
-            match self.d.store.save_run(&run, ver, &fx).await {
-                Ok(()) => {
-                    ver += 1;
-                    fx = Effects::default();
-                    carried += next.len();
-                    queue.extend(next.into_iter().map(|(m, w)| (m, w, true)));
-                }
-                // Changed meanwhile (most often nobody did, so no read before writing).
-                Err(StoreError::Conflict(_)) => {
-                    stale = true;
-                    let h = self
-                        .record(&msg, outcome, claim_written, carrier, until)
-                        .await?;
-                    if h != Handled::Done {
-                        handled = h;
+            // Recorded on the copy held (most often nobody changed the run meanwhile, so no read
+            // before writing); on a conflict, on the run as it stands.
+            let mut reloaded = false;
+            let mut recorded = false;
+            for _ in 0..MAX_CONFLICT_RETRIES {
+                let now = self.now();
+                // A claim never written is made again on a reloaded run.
+                let claimed = !reloaded
+                    || claim_written
+                    || matches!(
+                        engine.claim(&mut run, &msg, now, None, &mut fx),
+                        Claim::Execute(_)
+                    );
+                if !(claimed && engine.finish(&mut run, &msg, outcome.clone(), now, &mut fx)) {
+                    // Done or taken by another meanwhile: this outcome is dropped. Steps may
+                    // still be carried under this message (by a duplicate of it).
+                    if msg == *carrier {
+                        let h = self.adopt(engine, run.clone(), carrier, now, until).await?;
+                        if h != Handled::Done {
+                            handled = h;
+                        }
                     }
+                    // The copy held may have been changed by the attempt: the steps still
+                    // queued here are recorded on the run as it stands.
+                    let Some((again, v)) = self.d.store.load_run(&msg.run_id).await? else {
+                        return Ok(Handled::Done);
+                    };
+                    run = again;
+                    ver = v;
+                    fx = Effects::default();
+                    recorded = true;
+                    break;
                 }
-                // The steps already carried are taken over when the message comes back.
-                Err(e) => return Err(e.into()),
+                let next = if carried < MAX_CARRIED {
+                    // The time left once the carried steps already queued here are done.
+                    let queued: Millis = queue
+                        .iter()
+                        .fold(0, |t, (m, _, _)| t.saturating_add(timeout_of(engine, m)));
+                    let room = until.map(|u| u.saturating_sub(now).saturating_sub(queued));
+                    self.carry(engine, &mut run, &mut fx, carrier, room, now)
+                        .await
+                } else {
+                    vec![]
+                };
+                match self.d.store.save_run(&run, ver, &fx).await {
+                    Ok(()) => {
+                        ver += 1;
+                        fx = Effects::default();
+                        carried += next.len();
+                        queue.extend(next.into_iter().map(|(m, w)| (m, w, true)));
+                        recorded = true;
+                        break;
+                    }
+                    Err(StoreError::Conflict(_)) => {
+                        let Some((again, v)) = self.d.store.load_run(&msg.run_id).await? else {
+                            return Ok(Handled::Done);
+                        };
+                        run = again;
+                        ver = v;
+                        fx = Effects::default();
+                        reloaded = true;
+                    }
+                    // The steps already carried are taken over when the message comes back.
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            if !recorded {
+                handled = Handled::Retry {
+                    delay_ms: 100,
+                    reason: format!("run {} kept changing under this message", msg.run_id),
+                };
             }
         }
         Ok(handled)
     }
 
-    /// Takes the steps to carry out of `fx`: every `Execute` of this run that is due now, while
-    /// the invocation has time for its timeout and the kill switch lets the run go on. They are
+    /// Takes the steps to carry out of `fx`: the first [`CARRIED_PER_WRITE`] `Execute`s of this run
+    /// that are due now, while their timeouts fit one after the other in `room` (the time the
+    /// invocation has left for them; `None`: no limit) and the kill switch lets the run go on. They are
     /// claimed on `run` (in the write about to be made). A step the engine settles by itself
     /// (set, wait, a failed render) is settled here, and what it makes ready looked at in turn.
     async fn carry(
@@ -840,7 +894,7 @@ impl Service {
         run: &mut Run,
         fx: &mut Effects,
         carrier: &StepMessage,
-        until: Option<Millis>,
+        room: Option<Millis>,
         now: Millis,
     ) -> Vec<(StepMessage, Work)> {
         let mut out = Vec::new();
@@ -851,30 +905,36 @@ impl Service {
             return out;
         }
         let run_id = run.id.clone();
-        let fits = |m: &StepMessage, delay: u64| {
-            delay == 0
+        // Carried steps run one after the other: each must fit in `room` after those before it.
+        let mut used: Millis = 0;
+        let mut fits = |m: &StepMessage, delay: u64| {
+            let ok = delay == 0
                 && m.kind == MessageKind::Execute
                 && m.run_id == run_id
-                && engine.playbook.step(&m.step).is_some_and(|(_, s)| {
-                    !matches!(s.kind, StepKind::Playbook { .. })
-                        && until.is_none_or(|u| {
-                            let timeout = s
-                                .timeout_ms
-                                .unwrap_or(crate::engine::DEFAULT_ACTION_TIMEOUT_MS);
-                            now.saturating_add(Millis::try_from(timeout).unwrap_or(Millis::MAX))
-                                .saturating_add(CARRY_MARGIN_MS)
-                                <= u
-                        })
-                })
+                && engine
+                    .playbook
+                    .step(&m.step)
+                    .is_some_and(|(_, s)| !matches!(s.kind, StepKind::Playbook { .. }))
+                && room.is_none_or(|r| {
+                    used.saturating_add(timeout_of(engine, m))
+                        .saturating_add(CARRY_MARGIN_MS)
+                        <= r
+                });
+            if ok {
+                used = used.saturating_add(timeout_of(engine, m));
+            }
+            ok
         };
+        // In the order the engine made them ready; what a settled step makes ready is looked at
+        // after. Bounded: each round claims or keeps one message.
+        let mut queue: std::collections::VecDeque<(StepMessage, u64)> =
+            std::mem::take(&mut fx.messages).into();
         let mut kept = Vec::new();
-        // Bounded: each round claims or keeps one message; settled steps add at most their
-        // successors.
         for _ in 0..MAX_CARRIED * 4 {
-            let Some((next, delay)) = fx.messages.pop() else {
+            let Some((next, delay)) = queue.pop_front() else {
                 break;
             };
-            if out.len() >= MAX_CARRIED || !fits(&next, delay) {
+            if out.len() >= CARRIED_PER_WRITE || !fits(&next, delay) {
                 kept.push((next, delay));
                 continue;
             }
@@ -890,11 +950,10 @@ impl Service {
                 Claim::Settled => {}
                 Claim::Stale(_) | Claim::Busy(_) => kept.push((next, delay)),
             }
+            queue.extend(fx.messages.drain(..));
         }
-        kept.reverse();
-        fx.messages.splice(0..0, kept);
-        // In the order the engine made them ready.
-        out.reverse();
+        kept.extend(queue);
+        fx.messages = kept;
         out
     }
 
@@ -1042,53 +1101,6 @@ impl Service {
             },
             Some(conn) => outcome_of(self.d.http.send(conn, req).await),
         }
-    }
-
-    /// Writes a claimed step's outcome, reloading on conflicts. `claim_written`: false when the
-    /// claim was never written (repeat-safe work), so it is made again on the run as it stands;
-    /// if another worker holds or finished the step meanwhile, this outcome is dropped.
-    async fn record(
-        &self,
-        msg: &StepMessage,
-        outcome: Outcome,
-        claim_written: bool,
-        carrier: &StepMessage,
-        until: Option<Millis>,
-    ) -> Result<Handled, Error> {
-        for _ in 0..MAX_CONFLICT_RETRIES {
-            let (mut run, ver) = match self.d.store.load_run(&msg.run_id).await? {
-                Some(r) => r,
-                None => return Ok(Handled::Done),
-            };
-            let pb = self
-                .playbook(&run.playbook_id, run.playbook_version)
-                .await?;
-            let engine = Engine::with_worker(&pb, self.d.config.worker.clone());
-            let mut fx = Effects::default();
-            let now = self.now();
-            let taken = !claim_written
-                && !matches!(
-                    engine.claim(&mut run, msg, now, None, &mut fx),
-                    Claim::Execute(_)
-                );
-            if taken || !engine.finish(&mut run, msg, outcome.clone(), now, &mut fx) {
-                // Done or taken by another: this outcome is dropped. Steps may still be carried
-                // under this message (by a duplicate of it).
-                if msg == carrier {
-                    return self.adopt(&engine, run, carrier, now, until).await;
-                }
-                return Ok(Handled::Done);
-            }
-            match self.d.store.save_run(&run, ver, &fx).await {
-                Ok(()) => return Ok(Handled::Done),
-                Err(StoreError::Conflict(_)) => continue,
-                Err(e) => return Err(e.into()),
-            }
-        }
-        Ok(Handled::Retry {
-            delay_ms: 100,
-            reason: "could not record the outcome".into(),
-        })
     }
 
     async fn save(&self, run: &Run, ver: u64, fx: &Effects) -> Result<(), Error> {

@@ -42,6 +42,20 @@ impl<'a> Drive<'a> {
     }
 
     fn push(&mut self, fx: Effects) {
+        // What a host may keep with the run instead of queueing (Run::wakes) is exactly what the
+        // engine sends for a step that begins to wait.
+        let wakes = self.run.wakes();
+        for (m, delay) in &fx.messages {
+            if matches!(
+                m.kind,
+                MessageKind::Resume | MessageKind::ApprovalExpired | MessageKind::Timeout
+            ) {
+                assert!(
+                    wakes.contains(&(m.clone(), self.now + *delay as Millis)),
+                    "{m:?} in {delay} ms is not among the run's wakes {wakes:?}"
+                );
+            }
+        }
         for (m, delay) in fx.messages {
             self.queue.push_back((m, self.now + delay as Millis));
         }
@@ -820,4 +834,54 @@ fn a_misspelt_or_missing_connector_input_is_an_error_at_load() {
         err.contains("unknown operation `bank.wire` (known: bank.lookup, bank.transfer)"),
         "{err}"
     );
+}
+
+#[test]
+fn a_step_carried_under_a_message_is_found_by_that_message_only_once_its_lease_ends() {
+    let p = pb(
+        "id: two\nname: Two\nsteps:\n  - id: a\n    set: { x: 1 }\n  - id: b\n    needs: [a]\n    action: http.request\n    with: { connection: c, method: GET, path: /b }\n",
+    );
+    let mut d = Drive::start(&p, json!({}));
+    let (carrier, _) = d.queue.pop_front().unwrap();
+    let mut fx = Effects::default();
+    assert_eq!(
+        d.engine.claim(&mut d.run, &carrier, d.now, None, &mut fx),
+        Claim::Settled
+    );
+    // `a` made `b` ready: its worker claims it in the same write instead of sending it.
+    let (next, _) = fx.messages.pop().unwrap();
+    assert_eq!(next.step, "b");
+    assert!(matches!(
+        d.engine.claim(&mut d.run, &next, d.now, None, &mut fx),
+        Claim::Execute(Work::Http(_))
+    ));
+    d.engine.mark_carried(&mut d.run, &next, &carrier);
+    let it = &d.run.step("b").unwrap().iterations[0];
+    let lease = it.lease_until.unwrap();
+    assert_eq!(it.carrier.as_deref(), Some("a:0:1:Execute"));
+    // While the lease lasts the carrier is told to wait; another message sees nothing.
+    assert_eq!(
+        d.engine.orphan(&d.run, &carrier, d.now + 1),
+        Some(Err(lease))
+    );
+    let other = StepMessage {
+        step: "b".into(),
+        ..carrier.clone()
+    };
+    assert_eq!(d.engine.orphan(&d.run, &other, lease + 1), None);
+    // After it, the carrier takes `b` over as if `b`'s own message had come.
+    assert_eq!(
+        d.engine.orphan(&d.run, &carrier, lease + 1),
+        Some(Ok(StepMessage {
+            kind: MessageKind::Execute,
+            ..next.clone()
+        }))
+    );
+    // Once recorded, nothing is carried any more.
+    assert!(
+        d.engine
+            .finish(&mut d.run, &next, Outcome::Done(json!({})), d.now, &mut fx)
+    );
+    assert_eq!(d.run.step("b").unwrap().iterations[0].carrier, None);
+    assert_eq!(d.engine.orphan(&d.run, &carrier, lease + 1), None);
 }

@@ -682,8 +682,24 @@ impl Service {
                 reason: "the step is claimed by another worker".into(),
             }),
             Claim::Settled => {
+                // Settled here (a set, a wait's end, an approval's expiry): the steps this makes
+                // ready are carried as after any other step.
+                let room = until.map(|u| u.saturating_sub(now));
+                let next = self
+                    .carry(&engine, &mut run, &mut fx, carrier, room, now)
+                    .await;
                 self.save(&run, ver, &fx).await?;
-                Ok(Handled::Done)
+                let queue = next.into_iter().map(|(m, w)| (m, w, true)).collect();
+                self.perform_queue(
+                    &engine,
+                    run,
+                    ver + 1,
+                    queue,
+                    Effects::default(),
+                    carrier,
+                    until,
+                )
+                .await
             }
             Claim::Execute(Work::StartChild) => {
                 let (child_pb, input, trigger) = engine
@@ -800,7 +816,26 @@ impl Service {
             ver += 1;
             fx = Effects::default();
         }
-        let mut queue = std::collections::VecDeque::from([(msg, work, first_claim_written)]);
+        let queue = std::collections::VecDeque::from([(msg, work, first_claim_written)]);
+        self.perform_queue(engine, run, ver, queue, fx, carrier, until)
+            .await
+    }
+
+    /// Performs claimed steps one after the other and records each outcome with one write, which
+    /// claims the steps it makes ready (see [`Service::execute`]). Each entry: the step's message,
+    /// its work, and whether its claim was written. `fx`: effects not yet written (of the first
+    /// entry's claim, when that was not written).
+    #[allow(clippy::too_many_arguments)]
+    async fn perform_queue(
+        &self,
+        engine: &Engine<'_>,
+        mut run: Run,
+        mut ver: u64,
+        mut queue: std::collections::VecDeque<(StepMessage, Work, bool)>,
+        mut fx: Effects,
+        carrier: &StepMessage,
+        until: Option<Millis>,
+    ) -> Result<Handled, Error> {
         // What the queue is told: `Retry` when an outcome could not be recorded, or steps are
         // still carried under this message by another worker.
         let mut handled = Handled::Done;

@@ -1,8 +1,9 @@
 //! `riposte serve` under load, as a separate process on loopback:
 //! `cargo bench -p riposte --bench serve`
 //!
-//! 1. Durable steps per second: 2,000 runs of a 10-step no-op playbook (every step is its own
-//!    queue message and its own committed transaction).
+//! 1. Durable steps per second: 2,000 runs of a 10-step playbook, each step an HTTP call to a
+//!    stand-in on loopback and its own committed transaction (a worker carries a run's next step
+//!    itself, so each run takes one queue message).
 //! 2. Alert to first action: GuardDuty events POSTed at a steady 1,000 per second for 5 seconds;
 //!    latency from the moment an event is sent to the moment the playbook's first HTTP action
 //!    reaches a vendor stand-in; p50 and p99.
@@ -52,11 +53,13 @@ fn write_infra(dir: &Path, vendor: &str) {
         if i > 0 {
             steps.push_str(&format!("    needs: [s{}]\n", i - 1));
         }
-        steps.push_str("    action: core.noop\n    with: { value: \"${{ run.id }}\" }\n");
+        steps.push_str(&format!(
+            "    action: http.request\n    with: {{ connection: vendor, method: POST, path: /step, json: {{ step: {i} }} }}\n"
+        ));
     }
     std::fs::write(
-        dir.join("playbooks/noop10.yaml"),
-        format!("id: noop10\nname: Ten no-op steps\nsteps:\n{steps}"),
+        dir.join("playbooks/chain10.yaml"),
+        format!("id: chain10\nname: Ten calls in a chain\nsteps:\n{steps}"),
     )
     .unwrap();
     std::fs::write(
@@ -149,7 +152,7 @@ async fn main() {
                 let r = http
                     .post(format!("{url}/runs"))
                     .bearer_auth(KEY)
-                    .json(&json!({"playbook": "noop10"}))
+                    .json(&json!({"playbook": "chain10"}))
                     .send()
                     .await
                     .unwrap();

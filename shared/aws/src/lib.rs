@@ -7,7 +7,10 @@
 //! and no earlier outbox is pending; otherwise nothing is written and the caller gets
 //! [`StoreError::Conflict`]. The messages are then sent to SQS (or, when due more than 15
 //! minutes out, written as timer items) and only then is the outbox removed, conditioned on its
-//! id. A process that dies anywhere in between leaves the outbox on the item, and the next
+//! id. A message the run itself waits for ([`riposte_core::run::Run::wakes`]: an approval's
+//! expiry, a wait's end) due more than 15 minutes out is not put in the outbox at all: the run
+//! item carries its earliest wake in an index, written by that same conditional write, and
+//! [`DynamoStore::fire_due_wakes`] sends it when due. A process that dies anywhere in between leaves the outbox on the item, and the next
 //! reader ([`Store::load_run`]), the next writer (which is refused until it is flushed), a
 //! duplicate [`Store::create_run`], or the timer function's sweep
 //! ([`DynamoStore::flush_stale_outboxes`]) sends it. So no message is ever lost; one may be sent twice, which the engine treats as stale.

@@ -221,13 +221,15 @@ impl Plan {
     /// What happens at this I/O, attributed to the message the current task handles.
     fn act(&self, io: Io, what: &str) -> Act {
         let (_, key) = current();
-        self.act_for(io, what, &key)
+        self.act_for(io, what, &key, 0)
     }
 
     /// What happens at this I/O, attributed to the step iteration `key` (`run:step:iteration`):
     /// a vendor call is its own step's, even when a worker carries that step under another
-    /// step's message.
-    fn act_for(&self, io: Io, what: &str, key: &str) -> Act {
+    /// step's message. `used`: attempts of it already spent otherwise (a human's `retry` after a
+    /// worker was lost during it, which faults charged to the carrying message caused), which
+    /// its fault budget leaves room for.
+    fn act_for(&self, io: Io, what: &str, key: &str, used: u32) -> Act {
         let (task, _) = current();
         let key = key.to_string();
         let mut s = self.lock();
@@ -252,7 +254,7 @@ impl Plan {
             return Act::Go;
         }
         let budget = s.budget.get(&step).copied().unwrap_or(30);
-        if s.spent.get(&key).copied().unwrap_or(0) >= budget {
+        if s.spent.get(&key).copied().unwrap_or(0) + used >= budget {
             return Act::Go;
         }
         let p = s.p;
@@ -617,7 +619,13 @@ impl HttpSender for Vendor {
         let act = if key.is_empty() {
             self.plan.act(Io::Http, &req.path)
         } else {
-            self.plan.act_for(Io::Http, &req.path, &key)
+            let used = self
+                .keys
+                .lock()
+                .unwrap()
+                .get(&key)
+                .map_or(0, |k| k.human_retries);
+            self.plan.act_for(Io::Http, &req.path, &key, used)
         };
         match act {
             Act::NotSent => return Err(HttpError::NotSent("connection refused".into())),
@@ -1204,6 +1212,11 @@ impl World {
                     return;
                 }
                 Err(Error::Unavailable(m)) => self.note(format!("  answer failed: {m}")),
+                // An answer given just before (to another approval of this pass) ended the run.
+                Err(Error::Gone(m)) if self.run().status.is_terminal() => {
+                    self.note(format!("  answer: {m}"));
+                    return;
+                }
                 Err(e) => {
                     self.problems.push(format!(
                         "answering {step}[{iteration}] with `{choice}` failed: {e}"

@@ -14,7 +14,7 @@ use tower::ServiceExt;
 use riposte_aws::{AwsConfig, DynamoStore};
 use riposte_core::connector::Connections;
 use riposte_core::model::AlertKind;
-use riposte_core::run::{Run, RunStatus};
+use riposte_core::run::{Run, RunStatus, StepStatus};
 use riposte_core::service::Service;
 use riposte_core::store::Store;
 use riposte_tests::moto::{Moto, acknowledge, receive_batch};
@@ -466,4 +466,46 @@ async fn a_message_failing_on_its_last_receive_fails_its_run_and_spares_its_neig
     let lost = a.run("lost-run").await;
     assert_eq!(lost.status, RunStatus::Failed);
     assert!(lost.error.unwrap().contains("failed on all 5 deliveries"));
+}
+
+/// The steps a step makes ready are carried by the same invocation only while their timeouts fit
+/// in the time it has left: near its deadline they go out as messages, for another invocation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_near_its_deadline_hands_the_next_steps_to_the_queue() {
+    let v = vendors().await;
+    let a = aws(&v).await;
+    let id = started(&a).await;
+    let (messages, event) = receive_batch(&a.sqs, &a.queue).await;
+    assert_eq!(messages.len(), 1, "the run's first step");
+    // One second left: `open_ticket` runs (a delivered step always does), but neither of the two
+    // steps it makes ready (30 s timeouts) is started here.
+    let response = riposte_lambda::on_messages(
+        &a.service,
+        event,
+        5,
+        Some(std::time::Duration::from_secs(1)),
+    )
+    .await;
+    assert!(response.batch_item_failures.is_empty());
+    acknowledge(&a.sqs, &a.queue, &messages, &response).await;
+    let run = a.run(&id).await;
+    assert_eq!(
+        run.step("open_ticket").unwrap().status,
+        StepStatus::Succeeded
+    );
+    for step in ["tell_soc", "ask_admins"] {
+        assert_eq!(run.step(step).unwrap().status, StepStatus::Queued, "{step}");
+    }
+    assert!(v.slack.requests().is_empty(), "nothing posted yet");
+    let (next, _) = receive_batch(&a.sqs, &a.queue).await;
+    let mut steps: Vec<String> = next
+        .iter()
+        .map(|m| {
+            riposte_aws::parse_message(m.body.as_deref().unwrap())
+                .unwrap()
+                .step
+        })
+        .collect();
+    steps.sort();
+    assert_eq!(steps, ["ask_admins", "tell_soc"]);
 }

@@ -496,22 +496,10 @@ impl DynamoStore {
             .set_expression_attribute_values(values([(":at", at)]))
             .send()
             .await;
-        match res {
-            Ok(_) => Ok(()),
-            // A run written before inputs had their own item.
-            Err(e)
-                if matches!(
-                    e.as_service_error(),
-                    Some(UpdateItemError::ConditionalCheckFailedException(_))
-                ) =>
-            {
-                Ok(())
-            }
-            Err(e) => Err(unavailable(
-                &format!("setting the expiry of the input of run {run_id}"),
-                e,
-            )),
-        }
+        // Refused: a run written before inputs had their own item.
+        unless_refused(res, || {
+            format!("setting the expiry of the input of run {run_id}")
+        })
     }
 
     /// Steps 2 and 3: sends every message (timers for the far ones), then removes the outbox if
@@ -548,22 +536,8 @@ impl DynamoStore {
             .set_expression_attribute_values(values([(":id", s(outbox_id))]))
             .send()
             .await;
-        match res {
-            Ok(_) => Ok(()),
-            // Someone else flushed it (and perhaps a later writer committed a new one).
-            Err(e)
-                if matches!(
-                    e.as_service_error(),
-                    Some(UpdateItemError::ConditionalCheckFailedException(_))
-                ) =>
-            {
-                Ok(())
-            }
-            Err(e) => Err(unavailable(
-                &format!("clearing the outbox of run {run_id}"),
-                e,
-            )),
-        }
+        // Refused: someone else flushed it (and perhaps a later writer committed a new one).
+        unless_refused(res, || format!("clearing the outbox of run {run_id}"))
     }
 
     async fn put_timer(&self, msg: &StepMessage, due: Millis, id: &str) -> Result<(), StoreError> {
@@ -730,44 +704,22 @@ impl DynamoStore {
     pub async fn fire_due_wakes(&self, now: Millis) -> Result<usize, StoreError> {
         let cutoff = pad(now.saturating_sub(WAKE_GRACE_MS).saturating_add(1));
         let mut fired = 0;
-        for shard in 0..SHARDS {
-            let mut start = None;
-            for _ in 0..TIMER_PAGES {
-                let page = self
-                    .dynamo
-                    .query()
-                    .table_name(&self.config.table)
-                    .index_name(GSI3)
-                    .key_condition_expression("gsi3pk = :pk AND gsi3sk < :cutoff")
-                    .set_expression_attribute_values(values([
-                        (":pk", s(format!("WAKE#{shard}"))),
-                        (":cutoff", s(cutoff.clone())),
-                    ]))
-                    .limit(TIMER_PAGE_SIZE)
-                    .set_exclusive_start_key(start)
-                    .send()
-                    .await
-                    .map_err(|e| unavailable("reading waiting runs", e))?;
-                for item in page.items() {
-                    let run_id = item.str("id")?;
-                    // The index lags: the run itself says what is due.
-                    let Some((run, _)) = self.read_run(run_id).await? else {
-                        continue;
-                    };
-                    let due: Vec<(StepMessage, i32)> = run
-                        .wakes()
-                        .into_iter()
-                        .filter(|(_, at)| *at <= now)
-                        .map(|(m, _)| (m, 0))
-                        .collect();
-                    self.send(&due).await?;
-                    fired += due.len();
-                }
-                start = page.last_evaluated_key;
-                if start.is_none() {
-                    break;
-                }
-            }
+        for run_id in self
+            .runs_below(GSI3, "WAKE#", &cutoff, TIMER_PAGES, TIMER_PAGE_SIZE)
+            .await?
+        {
+            // The index lags: the run itself says what is due.
+            let Some((run, _)) = self.read_run(&run_id).await? else {
+                continue;
+            };
+            let due: Vec<(StepMessage, i32)> = run
+                .wakes()
+                .into_iter()
+                .filter(|(_, at)| *at <= now)
+                .map(|(m, _)| (m, 0))
+                .collect();
+            self.send(&due).await?;
+            fired += due.len();
         }
         Ok(fired)
     }
@@ -778,32 +730,51 @@ impl DynamoStore {
     pub async fn flush_stale_outboxes(&self, now: Millis) -> Result<usize, StoreError> {
         let cutoff = pad(now.saturating_sub(STALE_OUTBOX_MS));
         let mut flushed = 0;
+        for run_id in self
+            .runs_below(GSI1, "OUTBOX#", &cutoff, OUTBOX_PAGES, OUTBOX_PAGE_SIZE)
+            .await?
+        {
+            // The index lags: read the run itself before sending anything.
+            let current = self.get_run_item(&run_id).await?;
+            if let Some(ob) = pending_outbox(&run_id, current.as_ref())? {
+                self.flush(&run_id, &ob).await?;
+                flushed += 1;
+            }
+        }
+        Ok(flushed)
+    }
+
+    /// The run ids a sharded index (`gsi1` or `gsi3`) lists under `<prefix><shard>` with a sort
+    /// key below `cutoff`, over every shard, at most `pages` pages of `page_size` per shard.
+    async fn runs_below(
+        &self,
+        index: &str,
+        prefix: &str,
+        cutoff: &str,
+        pages: usize,
+        page_size: i32,
+    ) -> Result<Vec<String>, StoreError> {
+        let mut ids = Vec::new();
         for shard in 0..SHARDS {
             let mut start = None;
-            for _ in 0..OUTBOX_PAGES {
+            for _ in 0..pages {
                 let page = self
                     .dynamo
                     .query()
                     .table_name(&self.config.table)
-                    .index_name(GSI1)
-                    .key_condition_expression("gsi1pk = :pk AND gsi1sk < :cutoff")
+                    .index_name(index)
+                    .key_condition_expression(format!("{index}pk = :pk AND {index}sk < :cutoff"))
                     .set_expression_attribute_values(values([
-                        (":pk", s(format!("OUTBOX#{shard}"))),
-                        (":cutoff", s(cutoff.clone())),
+                        (":pk", s(format!("{prefix}{shard}"))),
+                        (":cutoff", s(cutoff)),
                     ]))
-                    .limit(OUTBOX_PAGE_SIZE)
+                    .limit(page_size)
                     .set_exclusive_start_key(start)
                     .send()
                     .await
-                    .map_err(|e| unavailable("reading pending outboxes", e))?;
+                    .map_err(|e| unavailable(&format!("reading {index}"), e))?;
                 for item in page.items() {
-                    let run_id = item.str("id")?;
-                    // The index lags: read the run itself before sending anything.
-                    let current = self.get_run_item(run_id).await?;
-                    if let Some(ob) = pending_outbox(run_id, current.as_ref())? {
-                        self.flush(run_id, &ob).await?;
-                        flushed += 1;
-                    }
+                    ids.push(item.str("id")?.to_string());
                 }
                 start = page.last_evaluated_key;
                 if start.is_none() {
@@ -811,7 +782,7 @@ impl DynamoStore {
                 }
             }
         }
-        Ok(flushed)
+        Ok(ids)
     }
 
     /// Runs newest first (ties by id, descending), from the runs-by-time index.
@@ -919,6 +890,25 @@ async fn send_batch(
 
 /// The deflated run body of a run item.
 pub(crate) const BODY_ATTRIBUTE: &str = "z";
+
+/// An update whose refused condition means there is nothing left to do.
+fn unless_refused<T>(
+    res: Result<T, aws_sdk_dynamodb::error::SdkError<UpdateItemError>>,
+    what: impl FnOnce() -> String,
+) -> Result<(), StoreError> {
+    match res {
+        Ok(_) => Ok(()),
+        Err(e)
+            if matches!(
+                e.as_service_error(),
+                Some(UpdateItemError::ConditionalCheckFailedException(_))
+            ) =>
+        {
+            Ok(())
+        }
+        Err(e) => Err(unavailable(&what(), e)),
+    }
+}
 
 /// The run as stored in its run item: without its input (kept in the input item).
 fn without_input(run: &Run) -> Run {

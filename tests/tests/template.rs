@@ -493,6 +493,18 @@ fn each_function_holds_only_the_permissions_it_uses() {
                             r == "${Table.Arn}" || r.starts_with("${Table.Arn}/index/")
                         }
                         "dynamodb" => r == "${Table.Arn}",
+                        // The trigger functions' on-failure destination (EventInvokeConfig).
+                        "sqs" if r == "${EventDeadLetterQueue.Arn}" => {
+                            action == "sqs:SendMessage"
+                                && ["alert-created", "recommendation-created"].contains(binary)
+                                && t.property(f, "EventInvokeConfig")
+                                    .and_then(|c| c.get("DestinationConfig"))
+                                    .and_then(|d| d.get("OnFailure"))
+                                    .and_then(|o| o.get("Destination"))
+                                    .map(text)
+                                    .as_deref()
+                                    == Some("${EventDeadLetterQueue.Arn}")
+                        }
                         "sqs" => r == "${StepQueue.Arn}",
                         "secretsmanager" => r == secret_arn,
                         "securityhub" => {
@@ -972,4 +984,46 @@ fn http_timeouts_are_shorter_than_the_step_workers() {
         "{most_requests} requests of {} ms each leave less than 10 s of the step worker's {timeout_s} s",
         riposte_core::http::MAX_HTTP_TIMEOUT_MS
     );
+}
+
+/// An event a trigger function fails on, after Lambda's retries, is recorded in a queue an alarm
+/// watches: nothing EventBridge delivered is dropped silently.
+#[test]
+fn events_the_trigger_functions_fail_on_are_kept_and_alarmed() {
+    let t = Template::load();
+    for binary in ["alert-created", "recommendation-created"] {
+        let (id, f) = t.function(binary);
+        let config = t
+            .property(f, "EventInvokeConfig")
+            .unwrap_or_else(|| panic!("{id} has no EventInvokeConfig"));
+        let destination = config
+            .get("DestinationConfig")
+            .and_then(|d| d.get("OnFailure"))
+            .unwrap_or_else(|| panic!("{id} has no on-failure destination"));
+        assert_eq!(
+            destination.get("Type").map(text).as_deref(),
+            Some("SQS"),
+            "{id}"
+        );
+        assert_eq!(
+            destination.get("Destination").and_then(target).as_deref(),
+            Some("EventDeadLetterQueue"),
+            "{id}"
+        );
+        assert!(
+            config
+                .get("MaximumRetryAttempts")
+                .and_then(number)
+                .is_some_and(|n| n >= 1),
+            "{id} retries a failed event"
+        );
+    }
+    let watched = t.of_type("AWS::CloudWatch::Alarm").any(|(_, a)| {
+        each(a.get("Properties").and_then(|p| p.get("Dimensions")))
+            .into_iter()
+            .any(|d| {
+                d.get("Value").map(text).as_deref() == Some("${EventDeadLetterQueue.QueueName}")
+            })
+    });
+    assert!(watched, "an alarm watches the events' dead-letter queue");
 }

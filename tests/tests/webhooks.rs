@@ -102,6 +102,26 @@ async fn a_signed_edr_alert_starts_its_playbook_and_nothing_else_gets_in() {
         Some(json!({"host": "HOST-7", "title": "Ransomware behaviour on HOST-7 ${{ 1 + 1 }}"}))
     );
 
+    // The sample in events/ (what the README describes) is accepted as it is.
+    let sample =
+        std::fs::read_to_string(riposte_tests::repo().join("events/webhook-edr-alert.json"))
+            .unwrap();
+    let (s, out) = post(
+        &r,
+        "edr",
+        &sample,
+        now,
+        Some(&sign(WEBHOOK_SECRET, now, &sample)),
+    )
+    .await;
+    assert_eq!(s, 202, "{out}");
+    assert_eq!(out["alerts"][0]["alert_id"], "edr/edr-0001");
+    let sample_run = out["alerts"][0]["runs"][0].as_str().unwrap().to_string();
+    assert_eq!(
+        r.succeeded(&sample_run).await.step("s").unwrap().iterations[0].output,
+        Some(json!({"host": "HOST-7", "title": "Ransomware behaviour on HOST-7"}))
+    );
+
     // Replayed: refused; the run is not started twice.
     let (s, v) = post(&r, "edr", &alert, now, Some(&sig)).await;
     assert_eq!(s, 401, "{v}");

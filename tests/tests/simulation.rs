@@ -1107,8 +1107,10 @@ impl World {
         match r {
             Poll::Ready(res) => self.finished(t.id, t.seq, res),
             Poll::Pending => {
+                // Paused at a simulated I/O, or waiting for a lock of its process (the run lock
+                // of `Service`) held by another task in flight: resumed later either way.
                 assert!(
-                    self.plan.is_paused(t.id),
+                    self.plan.is_paused(t.id) || !self.tasks.is_empty(),
                     "a worker waited on something other than a simulated pause"
                 );
                 self.note(format!("  task {} paused", t.id));
@@ -1286,7 +1288,9 @@ impl World {
         self.plan.set_enabled(false);
         self.clean_mark = Some(self.plan.lock().injected);
         self.note("faults stop".into());
-        while let Some(t) = self.tasks.pop() {
+        // In turn, oldest first: a task waiting for a lock another holds is resumed after it.
+        while !self.tasks.is_empty() {
+            let t = self.tasks.remove(0);
             self.poll(t);
         }
         for _ in 0..CLEAN_LIMIT {

@@ -37,6 +37,9 @@ const MAX_CARRIED: usize = 64;
 const CARRIED_PER_WRITE: usize = 2;
 /// Time kept free beyond a carried step's timeout before the invocation's deadline.
 const CARRY_MARGIN_MS: Millis = 5_000;
+/// Runs whose newest written copy this process keeps (see [`Service::written`]), beyond those
+/// being recorded right now.
+const WRITTEN_KEPT: usize = 64;
 /// The largest input a manual run accepts.
 pub const MAX_INPUT_BYTES: usize = 256 * 1024;
 
@@ -155,7 +158,15 @@ pub struct Service {
     rules: Mutex<Option<(Millis, Arc<RuleSet>)>>,
     guards: std::sync::RwLock<Arc<Guards>>,
     kill_switch: Mutex<Option<(Millis, Option<KillSwitch>)>>,
+    /// Per run: the newest copy this process wrote and its version, behind a lock held while an
+    /// outcome is recorded. Steps of one run that finish together here (two branches delivered in
+    /// one batch, two local workers) then record one after the other, each on the copy the other
+    /// just wrote, instead of both writing and one being refused (a billed write and a read
+    /// lost). Safe whatever the copy: every write is conditional on the version.
+    written: Mutex<HashMap<String, Arc<WrittenRun>>>,
 }
+
+type WrittenRun = futures_util::lock::Mutex<Option<(Run, u64)>>;
 
 /// The kill switch's state: when on, no automatic run starts and running ones stop.
 #[derive(Clone, Debug, PartialEq, Serialize, serde::Deserialize)]
@@ -236,7 +247,20 @@ impl Service {
             rules: Mutex::new(None),
             guards: std::sync::RwLock::new(Arc::new(Guards::default())),
             kill_switch: Mutex::new(None),
+            written: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The lock and newest written copy of a run (see `written`); copies of runs no one is
+    /// recording are forgotten past [`WRITTEN_KEPT`].
+    fn written(&self, run_id: &str) -> Arc<WrittenRun> {
+        let Ok(mut map) = self.written.lock() else {
+            return Arc::default();
+        };
+        if map.len() >= WRITTEN_KEPT && !map.contains_key(run_id) {
+            map.retain(|_, slot| Arc::strong_count(slot) > 1);
+        }
+        map.entry(run_id.to_string()).or_default().clone()
     }
 
     pub fn deps(&self) -> &Deps {
@@ -843,9 +867,21 @@ impl Service {
         while let Some((msg, work, claim_written)) = queue.pop_front() {
             let outcome = self.perform(&work).await;
             // Recorded on the copy held (most often nobody changed the run meanwhile, so no read
-            // before writing); on a conflict, on the run as it stands.
+            // before writing), or on a newer one this process wrote meanwhile; on a conflict, on
+            // the run as it stands.
+            let slot = self.written(&msg.run_id);
+            let mut newest = slot.lock().await;
             let mut reloaded = false;
+            if let Some((r, v)) = newest.as_ref()
+                && *v > ver
+            {
+                run = r.clone();
+                ver = *v;
+                fx = Effects::default();
+                reloaded = true;
+            }
             let mut recorded = false;
+            let mut dropped = false;
             for _ in 0..MAX_CONFLICT_RETRIES {
                 let now = self.now();
                 // A claim never written is made again on a reloaded run.
@@ -856,23 +892,7 @@ impl Service {
                         Claim::Execute(_)
                     );
                 if !(claimed && engine.finish(&mut run, &msg, outcome.clone(), now, &mut fx)) {
-                    // Done or taken by another meanwhile: this outcome is dropped. Steps may
-                    // still be carried under this message (by a duplicate of it).
-                    if msg == *carrier {
-                        let h = self.adopt(engine, run.clone(), carrier, now, until).await?;
-                        if h != Handled::Done {
-                            handled = h;
-                        }
-                    }
-                    // The copy held may have been changed by the attempt: the steps still
-                    // queued here are recorded on the run as it stands.
-                    let Some((again, v)) = self.d.store.load_run(&msg.run_id).await? else {
-                        return Ok(Handled::Done);
-                    };
-                    run = again;
-                    ver = v;
-                    fx = Effects::default();
-                    recorded = true;
+                    dropped = true;
                     break;
                 }
                 let next = if carried < MAX_CARRIED {
@@ -889,6 +909,7 @@ impl Service {
                 match self.d.store.save_run(&run, ver, &fx).await {
                     Ok(()) => {
                         ver += 1;
+                        *newest = Some((run.clone(), ver));
                         fx = Effects::default();
                         carried += next.len();
                         queue.extend(next.into_iter().map(|(m, w)| (m, w, true)));
@@ -907,6 +928,27 @@ impl Service {
                     // The steps already carried are taken over when the message comes back.
                     Err(e) => return Err(e.into()),
                 }
+            }
+            drop(newest);
+            if dropped {
+                // Done or taken by another meanwhile: this outcome is dropped. Steps may still be
+                // carried under this message (by a duplicate of it).
+                if msg == *carrier {
+                    let now = self.now();
+                    let h = self.adopt(engine, run.clone(), carrier, now, until).await?;
+                    if h != Handled::Done {
+                        handled = h;
+                    }
+                }
+                // The copy held may have been changed by the attempt: the steps still queued
+                // here are recorded on the run as it stands.
+                let Some((again, v)) = self.d.store.load_run(&msg.run_id).await? else {
+                    return Ok(Handled::Done);
+                };
+                run = again;
+                ver = v;
+                fx = Effects::default();
+                recorded = true;
             }
             if !recorded {
                 handled = Handled::Retry {

@@ -22,6 +22,7 @@ use riposte_core::model::Millis;
 use riposte_core::ports::Clock;
 use riposte_core::run::Run;
 use riposte_core::store::Store;
+pub mod faults;
 pub mod moto;
 pub mod vendors;
 

@@ -34,12 +34,12 @@ use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use async_trait::async_trait;
 use aws_lambda_events::event::sqs::SqsEvent;
 use aws_sdk_dynamodb::types::{AttributeValue, PutRequest, WriteRequest};
 use aws_sdk_sqs::types::{Message, MessageSystemAttributeName, QueueAttributeName};
 use axum::body::Body;
 use axum::http::Request;
+use futures_util::future::BoxFuture;
 use serde_json::{Value, json};
 use tower::ServiceExt;
 
@@ -47,15 +47,14 @@ use riposte::runtime::{OsIds, SystemClock};
 use riposte_aws::{AwsConfig, DynamoStore};
 use riposte_core::approval::Signer;
 use riposte_core::connector::{Connections, ConnectorCatalog};
-use riposte_core::engine::{Effects, UNKNOWN_OUTCOME_CHOICES, Worker};
+use riposte_core::engine::{UNKNOWN_OUTCOME_CHOICES, Worker};
 use riposte_core::guard::Guards;
 use riposte_core::model::{AlertKind, Millis};
-use riposte_core::playbook::PlaybookSpec;
 use riposte_core::ports::{Clock, IdSource};
-use riposte_core::rule::Rule;
 use riposte_core::run::{Run, RunStatus, StepStatus};
 use riposte_core::service::{Config, Deps, Service};
-use riposte_core::store::{AuditEntry, EventRecord, RunSummary, Store, StoreError, StoredPlaybook};
+use riposte_core::store::StoreError;
+use riposte_tests::faults::{HistorySeen, Hook, Kind, Op, Wrapped};
 use riposte_tests::moto::Moto;
 use riposte_tests::vendors::{SECRETS, Vendors, connections, vendors};
 use riposte_tests::{Recorded, event, repo, secrets_from, sender, test_connections};
@@ -123,22 +122,27 @@ fn modes_of(label: &str) -> &'static [Mode] {
 }
 
 /// The real DynamoStore, failing at one operation.
-struct Faulty {
-    inner: Arc<DynamoStore>,
+type Faulty = Wrapped<Fault>;
+
+/// What happens at a store operation: it is logged, labelled, and fails if it is the planned one.
+struct Fault {
+    /// The store [`Wrapped`] calls, for the run writes that stop before their outbox
+    /// (`create_run_without_flush`, `save_run_without_flush`).
+    dynamo: Arc<DynamoStore>,
     fault: Option<(usize, Mode)>,
     /// Every operation so far, labelled.
     log: Mutex<Vec<String>>,
     /// Whether the fault happened.
     fired: AtomicBool,
     /// Per run, how many history entries it had when last read or written (for labels).
-    seen: Mutex<HashMap<String, usize>>,
+    seen: HistorySeen,
 }
 
 fn injected(label: &str, mode: Mode) -> StoreError {
     StoreError::Unavailable(format!("injected fault ({mode:?}) at {label}"))
 }
 
-impl Faulty {
+impl Fault {
     /// Records an operation; the fault's mode if this is the one that fails.
     fn op(&self, label: String) -> Option<(Mode, String)> {
         let mut log = self.log.lock().unwrap();
@@ -156,184 +160,56 @@ impl Faulty {
     fn ops(&self) -> Vec<String> {
         self.log.lock().unwrap().clone()
     }
-}
 
-impl Faulty {
-    /// What a run write is about: the history entries it adds to the run as last read or written.
-    fn run_label(&self, op: &str, run: &Run) -> String {
-        let mut seen = self.seen.lock().unwrap();
-        let from = seen.insert(run.id.clone(), run.history.len()).unwrap_or(0);
-        let added: Vec<String> = run.history[from.min(run.history.len())..]
-            .iter()
-            .map(|h| format!("{} {}", h.step.as_deref().unwrap_or("run"), h.event))
-            .collect();
-        format!("{op} ({})", added.join(", "))
-    }
-
-    fn loaded(&self, run: &Result<Option<(Run, u64)>, StoreError>) {
-        if let Ok(Some((run, _))) = run {
-            self.seen
-                .lock()
-                .unwrap()
-                .insert(run.id.clone(), run.history.len());
+    /// The label of an operation in the log, e.g. `save_run (open_ticket succeeded)` (a run
+    /// write: the history entries it adds to the run as last read or written).
+    fn label(&self, op: Op<'_>) -> String {
+        match op {
+            Op::CreateRun { run, .. } | Op::SaveRun { run, .. } => {
+                format!("{} ({})", op.name(), self.seen.added(run))
+            }
+            Op::GetPlaybook { id, version } => format!("get_playbook ({id} {version:?})"),
+            Op::GetSetting { key } => format!("get_setting ({key})"),
+            Op::TakeToken { bucket, .. } => {
+                format!(
+                    "take_token ({})",
+                    bucket.split('#').next().unwrap_or_default()
+                )
+            }
+            _ => op.name().into(),
         }
     }
 }
 
-macro_rules! read_op {
-    ($self:ident, $label:expr, $call:expr) => {{
-        if let Some((mode, label)) = $self.op($label) {
-            return Err(injected(&label, mode));
+impl Hook for Fault {
+    async fn around<T: Send>(
+        &self,
+        op: Op<'_>,
+        call: BoxFuture<'_, Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        let Some((mode, label)) = self.op(self.label(op)) else {
+            return call.await;
+        };
+        match (mode, op) {
+            // A read fails one way: before it is made.
+            _ if op.kind() == Kind::Read => {}
+            (Mode::Before, _) => {}
+            (Mode::Unflushed | Mode::Abandoned, Op::CreateRun { run, fx }) => {
+                let _ = self.dynamo.create_run_without_flush(run, fx).await;
+            }
+            (Mode::Unflushed | Mode::Abandoned, Op::SaveRun { run, version, fx }) => {
+                let _ = self.dynamo.save_run_without_flush(run, version, fx).await;
+            }
+            // Applied in full, the reply lost.
+            _ => {
+                let _ = call.await;
+            }
         }
-        $call.await
-    }};
-}
+        Err(injected(&label, mode))
+    }
 
-macro_rules! write_op {
-    ($self:ident, $label:expr, $call:expr) => {{
-        match $self.op($label) {
-            None => $call.await,
-            Some((Mode::Before, label)) => Err(injected(&label, Mode::Before)),
-            Some((mode, label)) => {
-                let _ = $call.await;
-                Err(injected(&label, mode))
-            }
-        }
-    }};
-}
-
-#[async_trait]
-impl Store for Faulty {
-    async fn put_playbook(
-        &self,
-        spec: &PlaybookSpec,
-        by: &str,
-        at: Millis,
-    ) -> Result<u32, StoreError> {
-        write_op!(
-            self,
-            "put_playbook".into(),
-            self.inner.put_playbook(spec, by, at)
-        )
-    }
-    async fn get_playbook(
-        &self,
-        id: &str,
-        version: Option<u32>,
-    ) -> Result<Option<StoredPlaybook>, StoreError> {
-        read_op!(
-            self,
-            format!("get_playbook ({id} {version:?})"),
-            self.inner.get_playbook(id, version)
-        )
-    }
-    async fn list_playbooks(&self) -> Result<Vec<StoredPlaybook>, StoreError> {
-        read_op!(self, "list_playbooks".into(), self.inner.list_playbooks())
-    }
-    async fn delete_playbook(&self, id: &str) -> Result<bool, StoreError> {
-        write_op!(
-            self,
-            "delete_playbook".into(),
-            self.inner.delete_playbook(id)
-        )
-    }
-    async fn put_rule(&self, rule: &Rule) -> Result<(), StoreError> {
-        write_op!(self, "put_rule".into(), self.inner.put_rule(rule))
-    }
-    async fn get_rule(&self, id: &str) -> Result<Option<Rule>, StoreError> {
-        read_op!(self, "get_rule".into(), self.inner.get_rule(id))
-    }
-    async fn list_rules(&self, trigger: Option<AlertKind>) -> Result<Vec<Rule>, StoreError> {
-        read_op!(self, "list_rules".into(), self.inner.list_rules(trigger))
-    }
-    async fn delete_rule(&self, id: &str) -> Result<bool, StoreError> {
-        write_op!(self, "delete_rule".into(), self.inner.delete_rule(id))
-    }
-    async fn create_run(&self, run: &Run, fx: &Effects) -> Result<bool, StoreError> {
-        match self.op(self.run_label("create_run", run)) {
-            None => self.inner.create_run(run, fx).await,
-            Some((Mode::Before, label)) => Err(injected(&label, Mode::Before)),
-            Some((mode @ (Mode::Unflushed | Mode::Abandoned), label)) => {
-                let _ = self.inner.create_run_without_flush(run, fx).await;
-                Err(injected(&label, mode))
-            }
-            Some((Mode::LostReply, label)) => {
-                let _ = self.inner.create_run(run, fx).await;
-                Err(injected(&label, Mode::LostReply))
-            }
-        }
-    }
-    async fn load_run(&self, id: &str) -> Result<Option<(Run, u64)>, StoreError> {
-        if let Some((mode, label)) = self.op("load_run".into()) {
-            return Err(injected(&label, mode));
-        }
-        let run = self.inner.load_run(id).await;
-        self.loaded(&run);
-        run
-    }
-    async fn save_run(&self, run: &Run, version: u64, fx: &Effects) -> Result<(), StoreError> {
-        match self.op(self.run_label("save_run", run)) {
-            None => self.inner.save_run(run, version, fx).await,
-            Some((Mode::Before, label)) => Err(injected(&label, Mode::Before)),
-            Some((mode @ (Mode::Unflushed | Mode::Abandoned), label)) => {
-                let _ = self.inner.save_run_without_flush(run, version, fx).await;
-                Err(injected(&label, mode))
-            }
-            Some((Mode::LostReply, label)) => {
-                let _ = self.inner.save_run(run, version, fx).await;
-                Err(injected(&label, Mode::LostReply))
-            }
-        }
-    }
-    async fn list_runs(
-        &self,
-        limit: usize,
-        status: Option<RunStatus>,
-    ) -> Result<Vec<RunSummary>, StoreError> {
-        read_op!(
-            self,
-            "list_runs".into(),
-            self.inner.list_runs(limit, status)
-        )
-    }
-    async fn put_event(&self, record: &EventRecord) -> Result<(), StoreError> {
-        write_op!(self, "put_event".into(), self.inner.put_event(record))
-    }
-    async fn get_event(&self, id: &str) -> Result<Option<EventRecord>, StoreError> {
-        read_op!(self, "get_event".into(), self.inner.get_event(id))
-    }
-    async fn append_audit(&self, entry: &AuditEntry) -> Result<(), StoreError> {
-        write_op!(self, "append_audit".into(), self.inner.append_audit(entry))
-    }
-    async fn list_audit(&self, limit: usize) -> Result<Vec<AuditEntry>, StoreError> {
-        read_op!(self, "list_audit".into(), self.inner.list_audit(limit))
-    }
-    async fn get_setting(&self, key: &str) -> Result<Option<Value>, StoreError> {
-        read_op!(
-            self,
-            format!("get_setting ({key})"),
-            self.inner.get_setting(key)
-        )
-    }
-    async fn put_setting(&self, key: &str, value: &Value) -> Result<(), StoreError> {
-        write_op!(
-            self,
-            "put_setting".into(),
-            self.inner.put_setting(key, value)
-        )
-    }
-    async fn take_token(
-        &self,
-        bucket: &str,
-        max: u32,
-        expires_at: Millis,
-    ) -> Result<bool, StoreError> {
-        let op = bucket.split('#').next().unwrap_or_default();
-        write_op!(
-            self,
-            format!("take_token ({op})"),
-            self.inner.take_token(bucket, max, expires_at)
-        )
+    fn loaded(&self, run: &Run) {
+        self.seen.loaded(run);
     }
 }
 
@@ -489,13 +365,16 @@ impl Deployment {
                 .unwrap();
             assert!(out.unprocessed_items.unwrap_or_default().is_empty());
         }
-        let store = Arc::new(Faulty {
-            inner: raw.clone(),
-            fault,
-            log: Mutex::new(Vec::new()),
-            fired: AtomicBool::new(false),
-            seen: Mutex::new(HashMap::new()),
-        });
+        let store = Arc::new(Wrapped::new(
+            raw.clone(),
+            Fault {
+                dynamo: raw.clone(),
+                fault,
+                log: Mutex::new(Vec::new()),
+                fired: AtomicBool::new(false),
+                seen: HistorySeen::default(),
+            },
+        ));
         Deployment {
             alert_fn: function(store.clone(), &v, clock.clone()),
             worker_fn: function(store.clone(), &v, clock.clone()),
@@ -786,7 +665,12 @@ impl Deployment {
                         .push("the click again was told it is already answered".into());
                     return;
                 }
-                503 if self.store.fault.is_some_and(|(_, m)| m == Mode::Abandoned) => {
+                503 if self
+                    .store
+                    .hook
+                    .fault
+                    .is_some_and(|(_, m)| m == Mode::Abandoned) =>
+                {
                     self.notes
                         .push("approval function failed; the admin leaves".into());
                     return;
@@ -811,7 +695,7 @@ impl Deployment {
                 && r.step("ask_admins").unwrap().status == StepStatus::Waiting
         })
         .await;
-        self.click_at = self.store.ops().len();
+        self.click_at = self.store.hook.ops().len();
         self.click(choice).await;
         self.drive("finished", |r| r.status.is_terminal()).await
     }
@@ -981,7 +865,7 @@ async fn reference(sdk: &aws_config::SdkConfig, infra: &[Item], choice: &str) ->
         );
     }
     Reference {
-        ops: d.store.ops(),
+        ops: d.store.hook.ops(),
         click_at: d.click_at,
         outcome: outcome(&run, &[]),
         effects,
@@ -1001,11 +885,14 @@ async fn case(
     let name = format!("{}-{at}-{mode:?}", choice.to_lowercase()).to_lowercase();
     let mut d = Deployment::new(sdk, infra, &name, Some((at, mode))).await;
     let run = d.flow(choice).await;
-    let ops = d.store.ops();
+    let ops = d.store.hook.ops();
     let label = &r.ops[at];
     // The same operations led up to the fault: it landed on the boundary the sweep names.
     assert_eq!(ops.get(..=at), r.ops.get(..=at));
-    assert!(d.store.fired.load(Ordering::SeqCst), "the fault happened");
+    assert!(
+        d.store.hook.fired.load(Ordering::SeqCst),
+        "the fault happened"
+    );
     let mut problems = Vec::new();
     let (got_outcome, want_outcome) = (
         outcome(&run, &d.settled_by_human),

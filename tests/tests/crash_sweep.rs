@@ -26,22 +26,21 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use futures_util::future::BoxFuture;
 use serde_json::{Value, json};
 
 use riposte::runtime::{Local, OsIds, build, load_connections, load_guards, seed};
 use riposte_core::approval::Signer;
 use riposte_core::connector::ConnectorCatalog;
-use riposte_core::engine::{Effects, UNKNOWN_OUTCOME_CHOICES, Worker};
+use riposte_core::engine::{UNKNOWN_OUTCOME_CHOICES, Worker};
 use riposte_core::guard::Guards;
 use riposte_core::http::{Connection, HttpError, HttpRequest, HttpResponse};
-use riposte_core::model::{AlertKind, Millis};
-use riposte_core::playbook::PlaybookSpec;
 use riposte_core::ports::{HttpSender, IdSource};
-use riposte_core::rule::Rule;
 use riposte_core::run::{Run, RunStatus, StepStatus};
 use riposte_core::service::{Config, Deps, Error, Handled, Service};
-use riposte_core::store::{AuditEntry, EventRecord, RunSummary, Store, StoreError, StoredPlaybook};
+use riposte_core::store::{Store, StoreError};
 use riposte_sqlite::SqliteStore;
+use riposte_tests::faults::{HistorySeen, Hook, Op, Wrapped};
 use riposte_tests::vendors::{self, SECRETS, Vendors};
 use riposte_tests::{
     OPERATOR_KEY, OffsetClock, Recorded, Vendor, event, repo, riposte_bin, secrets_from, sender,
@@ -166,156 +165,46 @@ impl Plan {
     }
 }
 
-/// The real SQLite store, through a [`Plan`].
-struct Faulty {
-    inner: Arc<SqliteStore>,
+/// What happens at a store operation: it goes through the [`Plan`], labelled by its name, a run
+/// write by what it adds to the run's history (see [`HistorySeen`]). Wrapped around the real SQLite
+/// store.
+struct Dying {
     plan: Arc<Plan>,
     /// How much of each run's history this process has seen: a save is labelled by what it adds.
-    seen: Mutex<std::collections::HashMap<String, usize>>,
+    seen: HistorySeen,
 }
 
-impl Faulty {
-    fn new(inner: Arc<SqliteStore>, plan: Arc<Plan>) -> Faulty {
-        Faulty {
-            inner,
+fn faulty(inner: Arc<SqliteStore>, plan: Arc<Plan>) -> Wrapped<Dying> {
+    Wrapped::new(
+        inner,
+        Dying {
             plan,
-            seen: Mutex::new(Default::default()),
-        }
-    }
-
-    /// What a write adds to the run's history, e.g. `open_ticket succeeded, ask_admins queued`.
-    fn label(&self, op: &str, run: &Run) -> String {
-        let mut seen = self.seen.lock().unwrap();
-        let from = seen
-            .get(&run.id)
-            .copied()
-            .unwrap_or(0)
-            .min(run.history.len());
-        seen.insert(run.id.clone(), run.history.len());
-        let new: Vec<String> = run.history[from..]
-            .iter()
-            .map(|h| format!("{} {}", h.step.as_deref().unwrap_or("run"), h.event))
-            .collect();
-        format!("{op} [{}]", new.join(", "))
-    }
+            seen: HistorySeen::default(),
+        },
+    )
 }
 
-#[async_trait]
-impl Store for Faulty {
-    async fn put_playbook(
+impl Hook for Dying {
+    async fn around<T: Send>(
         &self,
-        spec: &PlaybookSpec,
-        by: &str,
-        at: Millis,
-    ) -> Result<u32, StoreError> {
-        self.plan
-            .op("put_playbook", self.inner.put_playbook(spec, by, at))
-            .await
+        op: Op<'_>,
+        call: BoxFuture<'_, Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        // e.g. `save_run [open_ticket succeeded, ask_admins queued]`.
+        let label = match op {
+            Op::CreateRun { run, .. } | Op::SaveRun { run, .. } => {
+                format!("{} [{}]", op.name(), self.seen.added(run))
+            }
+            Op::TakeToken { bucket, .. } => {
+                format!("take_token [{}]", bucket.split('#').next().unwrap_or(""))
+            }
+            _ => op.name().to_string(),
+        };
+        self.plan.op(&label, call).await
     }
-    async fn get_playbook(
-        &self,
-        id: &str,
-        version: Option<u32>,
-    ) -> Result<Option<StoredPlaybook>, StoreError> {
-        self.plan
-            .op("get_playbook", self.inner.get_playbook(id, version))
-            .await
-    }
-    async fn list_playbooks(&self) -> Result<Vec<StoredPlaybook>, StoreError> {
-        self.plan
-            .op("list_playbooks", self.inner.list_playbooks())
-            .await
-    }
-    async fn delete_playbook(&self, id: &str) -> Result<bool, StoreError> {
-        self.plan
-            .op("delete_playbook", self.inner.delete_playbook(id))
-            .await
-    }
-    async fn put_rule(&self, rule: &Rule) -> Result<(), StoreError> {
-        self.plan.op("put_rule", self.inner.put_rule(rule)).await
-    }
-    async fn get_rule(&self, id: &str) -> Result<Option<Rule>, StoreError> {
-        self.plan.op("get_rule", self.inner.get_rule(id)).await
-    }
-    async fn list_rules(&self, trigger: Option<AlertKind>) -> Result<Vec<Rule>, StoreError> {
-        self.plan
-            .op("list_rules", self.inner.list_rules(trigger))
-            .await
-    }
-    async fn delete_rule(&self, id: &str) -> Result<bool, StoreError> {
-        self.plan
-            .op("delete_rule", self.inner.delete_rule(id))
-            .await
-    }
-    async fn create_run(&self, run: &Run, fx: &Effects) -> Result<bool, StoreError> {
-        let label = self.label("create_run", run);
-        self.plan.op(&label, self.inner.create_run(run, fx)).await
-    }
-    async fn load_run(&self, id: &str) -> Result<Option<(Run, u64)>, StoreError> {
-        let r = self.plan.op("load_run", self.inner.load_run(id)).await;
-        if let Ok(Some((run, _))) = &r {
-            self.seen
-                .lock()
-                .unwrap()
-                .insert(run.id.clone(), run.history.len());
-        }
-        r
-    }
-    async fn save_run(&self, run: &Run, version: u64, fx: &Effects) -> Result<(), StoreError> {
-        let label = self.label("save_run", run);
-        self.plan
-            .op(&label, self.inner.save_run(run, version, fx))
-            .await
-    }
-    async fn list_runs(
-        &self,
-        limit: usize,
-        status: Option<RunStatus>,
-    ) -> Result<Vec<RunSummary>, StoreError> {
-        self.plan
-            .op("list_runs", self.inner.list_runs(limit, status))
-            .await
-    }
-    async fn put_event(&self, record: &EventRecord) -> Result<(), StoreError> {
-        self.plan
-            .op("put_event", self.inner.put_event(record))
-            .await
-    }
-    async fn get_event(&self, id: &str) -> Result<Option<EventRecord>, StoreError> {
-        self.plan.op("get_event", self.inner.get_event(id)).await
-    }
-    async fn append_audit(&self, entry: &AuditEntry) -> Result<(), StoreError> {
-        self.plan
-            .op("append_audit", self.inner.append_audit(entry))
-            .await
-    }
-    async fn list_audit(&self, limit: usize) -> Result<Vec<AuditEntry>, StoreError> {
-        self.plan
-            .op("list_audit", self.inner.list_audit(limit))
-            .await
-    }
-    async fn get_setting(&self, key: &str) -> Result<Option<Value>, StoreError> {
-        self.plan
-            .op("get_setting", self.inner.get_setting(key))
-            .await
-    }
-    async fn put_setting(&self, key: &str, value: &Value) -> Result<(), StoreError> {
-        self.plan
-            .op("put_setting", self.inner.put_setting(key, value))
-            .await
-    }
-    async fn take_token(
-        &self,
-        bucket: &str,
-        max: u32,
-        expires_at: Millis,
-    ) -> Result<bool, StoreError> {
-        self.plan
-            .op(
-                &format!("take_token [{}]", bucket.split('#').next().unwrap_or("")),
-                self.inner.take_token(bucket, max, expires_at),
-            )
-            .await
+
+    fn loaded(&self, run: &Run) {
+        self.seen.loaded(run);
     }
 }
 
@@ -701,7 +590,7 @@ fn known_gap(p: &[String]) -> Option<Gap> {
 /// `Service::decide_as`).
 const PUBLIC_URL: &str = "http://127.0.0.1:9";
 
-/// One process: the real SQLite store (and its lock file) under a [`Faulty`] store.
+/// One process: the real SQLite store (and its lock file), wrapped with its [`Dying`] hook.
 struct Runtime {
     service: Service,
     sqlite: Arc<SqliteStore>,
@@ -741,7 +630,7 @@ impl Runtime {
             .unwrap()
             .expect("the approval key");
         let service = Service::new(Deps {
-            store: Arc::new(Faulty::new(local.store.clone(), plan.clone())),
+            store: Arc::new(faulty(local.store.clone(), plan.clone())),
             http,
             clock,
             ids: Arc::new(OsIds),

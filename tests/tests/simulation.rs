@@ -40,20 +40,21 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 
 use async_trait::async_trait;
+use futures_util::future::BoxFuture;
 use serde_json::{Value, json};
 
 use riposte_core::approval::Signer;
 use riposte_core::connector::{Connections, ConnectorCatalog};
-use riposte_core::engine::{Effects, Worker};
+use riposte_core::engine::Worker;
 use riposte_core::http::{Body, Connection, HttpError, HttpRequest, HttpResponse};
-use riposte_core::model::{AlertKind, Millis};
+use riposte_core::model::Millis;
 use riposte_core::playbook::{self, PlaybookSpec};
 use riposte_core::ports::{Clock, HttpSender, IdSource};
-use riposte_core::rule::Rule;
 use riposte_core::run::{Run, RunStatus, StepMessage, StepStatus};
 use riposte_core::service::{Config, Deps, Error, Handled, Service};
-use riposte_core::store::{AuditEntry, EventRecord, RunSummary, Store, StoreError, StoredPlaybook};
+use riposte_core::store::{Store, StoreError};
 use riposte_sqlite::SqliteStore;
+use riposte_tests::faults::{Hook, Op, Wrapped};
 
 // ----------------------------------------------------------------------------------------------
 // A small deterministic PRNG (splitmix64).
@@ -318,8 +319,10 @@ impl Future for PauseFut<'_> {
 // ----------------------------------------------------------------------------------------------
 // The store, with faults: the real SQLite store (and queue) underneath.
 
-struct FaultStore {
-    inner: Arc<SqliteStore>,
+/// What happens at a store operation: `get_playbook`, `load_run` and `get_setting` (reads) and
+/// `create_run` and `save_run` (writes) consult the plan; every other operation passes straight
+/// through without consulting it.
+struct StoreFaults {
     plan: Arc<Plan>,
 }
 
@@ -327,7 +330,7 @@ fn lost(what: &str) -> StoreError {
     StoreError::Unavailable(format!("simulated: {what}"))
 }
 
-impl FaultStore {
+impl StoreFaults {
     async fn read<T>(
         &self,
         what: &str,
@@ -369,85 +372,19 @@ impl FaultStore {
     }
 }
 
-#[async_trait]
-impl Store for FaultStore {
-    async fn put_playbook(
+impl Hook for StoreFaults {
+    async fn around<T: Send>(
         &self,
-        spec: &PlaybookSpec,
-        by: &str,
-        at: Millis,
-    ) -> Result<u32, StoreError> {
-        self.inner.put_playbook(spec, by, at).await
-    }
-    async fn get_playbook(
-        &self,
-        id: &str,
-        version: Option<u32>,
-    ) -> Result<Option<StoredPlaybook>, StoreError> {
-        self.read("get_playbook", self.inner.get_playbook(id, version))
-            .await
-    }
-    async fn list_playbooks(&self) -> Result<Vec<StoredPlaybook>, StoreError> {
-        self.inner.list_playbooks().await
-    }
-    async fn delete_playbook(&self, id: &str) -> Result<bool, StoreError> {
-        self.inner.delete_playbook(id).await
-    }
-    async fn put_rule(&self, rule: &Rule) -> Result<(), StoreError> {
-        self.inner.put_rule(rule).await
-    }
-    async fn get_rule(&self, id: &str) -> Result<Option<Rule>, StoreError> {
-        self.inner.get_rule(id).await
-    }
-    async fn list_rules(&self, trigger: Option<AlertKind>) -> Result<Vec<Rule>, StoreError> {
-        self.inner.list_rules(trigger).await
-    }
-    async fn delete_rule(&self, id: &str) -> Result<bool, StoreError> {
-        self.inner.delete_rule(id).await
-    }
-    async fn create_run(&self, run: &Run, fx: &Effects) -> Result<bool, StoreError> {
-        self.write("create_run", self.inner.create_run(run, fx))
-            .await
-    }
-    async fn load_run(&self, id: &str) -> Result<Option<(Run, u64)>, StoreError> {
-        self.read("load_run", self.inner.load_run(id)).await
-    }
-    async fn save_run(&self, run: &Run, version: u64, fx: &Effects) -> Result<(), StoreError> {
-        self.write("save_run", self.inner.save_run(run, version, fx))
-            .await
-    }
-    async fn list_runs(
-        &self,
-        limit: usize,
-        status: Option<RunStatus>,
-    ) -> Result<Vec<RunSummary>, StoreError> {
-        self.inner.list_runs(limit, status).await
-    }
-    async fn put_event(&self, record: &EventRecord) -> Result<(), StoreError> {
-        self.inner.put_event(record).await
-    }
-    async fn get_event(&self, id: &str) -> Result<Option<EventRecord>, StoreError> {
-        self.inner.get_event(id).await
-    }
-    async fn append_audit(&self, entry: &AuditEntry) -> Result<(), StoreError> {
-        self.inner.append_audit(entry).await
-    }
-    async fn list_audit(&self, limit: usize) -> Result<Vec<AuditEntry>, StoreError> {
-        self.inner.list_audit(limit).await
-    }
-    async fn get_setting(&self, key: &str) -> Result<Option<Value>, StoreError> {
-        self.read("get_setting", self.inner.get_setting(key)).await
-    }
-    async fn put_setting(&self, key: &str, value: &Value) -> Result<(), StoreError> {
-        self.inner.put_setting(key, value).await
-    }
-    async fn take_token(
-        &self,
-        bucket: &str,
-        max: u32,
-        expires_at: Millis,
-    ) -> Result<bool, StoreError> {
-        self.inner.take_token(bucket, max, expires_at).await
+        op: Op<'_>,
+        call: BoxFuture<'_, Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        match op {
+            Op::GetPlaybook { .. } | Op::LoadRun { .. } | Op::GetSetting { .. } => {
+                self.read(op.name(), call).await
+            }
+            Op::CreateRun { .. } | Op::SaveRun { .. } => self.write(op.name(), call).await,
+            _ => call.await,
+        }
     }
 }
 
@@ -1037,10 +974,12 @@ impl World {
 
     fn service(&self, id: String, exclusive: bool) -> Arc<Service> {
         Arc::new(Service::new(Deps {
-            store: Arc::new(FaultStore {
-                inner: self.store.clone(),
-                plan: self.plan.clone(),
-            }),
+            store: Arc::new(Wrapped::new(
+                self.store.clone(),
+                StoreFaults {
+                    plan: self.plan.clone(),
+                },
+            )),
             http: self.vendor.clone(),
             clock: self.clock.clone(),
             ids: self.ids.clone(),

@@ -4,6 +4,7 @@
 //! vendors are the same stand-ins as the local tests.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use aws_lambda_events::event::sqs::SqsEvent;
 use axum::body::Body;
@@ -16,7 +17,8 @@ use riposte_core::connector::Connections;
 use riposte_core::model::AlertKind;
 use riposte_core::run::{Run, RunStatus, StepStatus};
 use riposte_core::service::Service;
-use riposte_core::store::Store;
+use riposte_core::store::{Store, StoreError};
+use riposte_tests::faults::{Hook, Op, Wrapped};
 use riposte_tests::moto::{Moto, acknowledge, receive_batch};
 use riposte_tests::vendors::{SECRETS, SLACK_CHANNEL, SLACK_TS_ASK, Vendors, connections, vendors};
 use riposte_tests::{OffsetClock, event, repo, secrets_from, sender, test_connections};
@@ -31,6 +33,11 @@ struct Aws {
 }
 
 async fn aws(v: &Vendors) -> Aws {
+    aws_over(v, |store| store).await
+}
+
+/// [`aws`], with the functions' store wrapped by `wrap` (the test's view of the table is not).
+async fn aws_over(v: &Vendors, wrap: impl FnOnce(Arc<dyn Store>) -> Arc<dyn Store>) -> Aws {
     let moto = Moto::start().await;
     let sdk = moto.sdk().await;
     let dynamo = aws_sdk_dynamodb::Client::new(&sdk);
@@ -52,7 +59,7 @@ async fn aws(v: &Vendors) -> Aws {
     };
     let store = Arc::new(DynamoStore::new(dynamo, sqs.clone(), config, clock.clone()));
     let service = riposte_lambda::service_with(
-        store.clone(),
+        wrap(store.clone()),
         "test-approval-key-0123456789abcdef",
         test_connections(Connections::parse(&connections(v), None).unwrap()),
         riposte_core::connector::ConnectorCatalog::shipped(),
@@ -508,4 +515,103 @@ async fn a_worker_near_its_deadline_hands_the_next_steps_to_the_queue() {
         .collect();
     steps.sort();
     assert_eq!(steps, ["ask_admins", "tell_soc"]);
+}
+
+/// While armed, holds the first run write until a second one arrives (2 s at most), so that two
+/// steps finishing in one batch reach the table at the same moment; counts run writes refused.
+#[derive(Default)]
+struct Together {
+    armed: AtomicBool,
+    arrived: AtomicUsize,
+    second: tokio::sync::Notify,
+    refused: AtomicUsize,
+}
+
+struct Meet(Arc<Together>);
+
+impl Hook for Meet {
+    async fn around<T: Send>(
+        &self,
+        op: Op<'_>,
+        call: futures_util::future::BoxFuture<'_, Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        let t = &self.0;
+        let save = matches!(op, Op::SaveRun { .. });
+        if save && t.armed.load(Ordering::SeqCst) {
+            let second = t.second.notified();
+            tokio::pin!(second);
+            second.as_mut().enable();
+            if t.arrived.fetch_add(1, Ordering::SeqCst) == 0 {
+                let _ = tokio::time::timeout(std::time::Duration::from_secs(2), second).await;
+            } else {
+                t.second.notify_waiters();
+            }
+        }
+        let result = call.await;
+        if save && matches!(result, Err(StoreError::Conflict(_))) {
+            t.refused.fetch_add(1, Ordering::SeqCst);
+        }
+        result
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_branches_finishing_together_in_one_batch_are_recorded_without_a_refused_write() {
+    let v = vendors().await;
+    let together = Arc::new(Together::default());
+    let hook = together.clone();
+    let a = aws_over(&v, move |store| Arc::new(Wrapped::new(store, Meet(hook)))).await;
+    let id = started(&a).await;
+    a.until(&id, "waiting", |r| {
+        r.status == RunStatus::Waiting && r.step("tell_soc").unwrap().status.is_terminal()
+    })
+    .await;
+    assert_eq!(a.post_link(&link(&v, "Block")).await.0, 200);
+
+    // The decision's batch: the chat update and both branches, delivered together.
+    let (messages, event) = receive_batch(&a.sqs, &a.queue).await;
+    let mut steps: Vec<String> = messages
+        .iter()
+        .map(|m| {
+            riposte_aws::parse_message(m.body.as_deref().unwrap())
+                .unwrap()
+                .step
+        })
+        .collect();
+    steps.sort();
+    assert_eq!(steps, ["ask_admins", "block_ip", "disable_user"]);
+    together.armed.store(true, Ordering::SeqCst);
+    let response = riposte_lambda::on_messages(&a.service, event, 5, None).await;
+    assert!(response.batch_item_failures.is_empty());
+    acknowledge(&a.sqs, &a.queue, &messages, &response).await;
+    assert!(
+        together.arrived.load(Ordering::SeqCst) >= 2,
+        "both branches recorded in that batch"
+    );
+
+    let run = a.until(&id, "finished", |r| r.status.is_terminal()).await;
+    assert_eq!(
+        run.status,
+        RunStatus::Succeeded,
+        "{}",
+        riposte::timeline::render(&run)
+    );
+    for step in [
+        "block_ip",
+        "disable_user",
+        "revoke_sessions",
+        "resolve_ticket",
+    ] {
+        assert_eq!(
+            run.step(step).unwrap().status,
+            StepStatus::Succeeded,
+            "{step}"
+        );
+    }
+    assert_eq!(v.panos.requests().len(), 1, "the firewall was called once");
+    assert_eq!(
+        together.refused.load(Ordering::SeqCst),
+        0,
+        "the second branch's outcome was written on the first's, not refused and written again"
+    );
 }

@@ -106,7 +106,7 @@ pub async fn from_env() -> Result<(Arc<Service>, Arc<DynamoStore>), String> {
 
 /// The service a function runs, from explicit parts (tests build it this way).
 pub fn service_with(
-    store: Arc<DynamoStore>,
+    store: Arc<dyn riposte_core::store::Store>,
     approval_key: &str,
     connections: Connections,
     catalog: ConnectorCatalog,

@@ -615,15 +615,27 @@ impl Runtime {
             inner: sender(secrets_from(SECRETS)),
             plan: plan.clone(),
         });
-        let local = build(
-            db,
-            conns(),
-            kit.catalog.clone(),
-            PUBLIC_URL.into(),
-            http.clone(),
-            clock.clone(),
-        )
-        .expect("the crashed runtime released the database");
+        // The dropped runtime closed its lock file, but a `riposte serve` that the kill -9 test
+        // spawns at that moment may hold a copy of the descriptor between its fork and its exec
+        // (which closes it): the lock is then free a moment later, not at once.
+        let mut local = None;
+        for _ in 0..100 {
+            match build(
+                db,
+                conns(),
+                kit.catalog.clone(),
+                PUBLIC_URL.into(),
+                http.clone(),
+                clock.clone(),
+            ) {
+                Ok(l) => {
+                    local = Some(l);
+                    break;
+                }
+                Err(_) => std::thread::sleep(std::time::Duration::from_millis(20)),
+            }
+        }
+        let local = local.expect("the crashed runtime released the database (within 2 s)");
         let key = local
             .store
             .meta("approval_key")

@@ -470,7 +470,7 @@ fn write_costs(
                 return WriteCost { base, gsi: 0.0 };
             }
             // Each index bills its own copy, at the size of what it projects (the keys plus its
-            // INCLUDE attributes, riposte_aws::table; never the run body), and only when that copy
+            // INCLUDE attributes, riposte_aws::table, none for gsi2; never the run body), and only when that copy
             // changes: put into the index (1 write), removed from it (1), its index key changed
             // (2: a delete and a put), or a projected attribute changed (1); a write that changes
             // nothing the index holds costs the index nothing (the developer guide's "Global
@@ -1172,7 +1172,7 @@ async fn api_calls_and_cost() -> Moto {
     );
     println!(
         "| {:<60} | {:>12.0} | {:>9.2} |",
-        "DynamoDB write request units, GSI copies (INCLUDE projections)",
+        "DynamoDB write request units, GSI copies (keys and projected attributes)",
         gsi_all,
         gsi_all * DDB_PER_MILLION_WRU
     );

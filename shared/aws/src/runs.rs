@@ -786,6 +786,9 @@ impl DynamoStore {
     }
 
     /// Runs newest first (ties by id, descending), from the runs-by-time index.
+    /// Runs newest first: the keys from gsi2 (keys only, so that a status change never
+    /// rewrites the index), then the runs themselves in one batch per page; a status filter is
+    /// applied to what is read.
     pub(crate) async fn query_runs(
         &self,
         limit: usize,
@@ -796,14 +799,6 @@ impl DynamoStore {
             return Ok(out);
         }
         let page_size = i32::try_from(limit.max(25)).unwrap_or(1000).min(1000);
-        let (filter, expr_names, expr_values) = match status {
-            Some(st) => (
-                Some("#status = :status".to_string()),
-                names([("#status", "status")]),
-                values([(":pk", s(GSI2_RUNS)), (":status", s(st.as_str()))]),
-            ),
-            None => (None, None, values([(":pk", s(GSI2_RUNS))])),
-        };
         let mut start = None;
         for _ in 0..RUN_LIST_PAGES {
             let page = self
@@ -812,17 +807,34 @@ impl DynamoStore {
                 .table_name(&self.config.table)
                 .index_name(GSI2)
                 .key_condition_expression("gsi2pk = :pk")
-                .set_filter_expression(filter.clone())
-                .set_expression_attribute_names(expr_names.clone())
-                .set_expression_attribute_values(expr_values.clone())
+                .set_expression_attribute_values(values([(":pk", s(GSI2_RUNS))]))
                 .scan_index_forward(false)
                 .limit(page_size)
                 .set_exclusive_start_key(start)
                 .send()
                 .await
                 .map_err(|e| unavailable("listing runs", e))?;
-            for item in page.items() {
-                out.push(summary(item)?);
+            let keys: Vec<Item> = page
+                .items()
+                .iter()
+                .filter_map(|i| Some(key(i.opt_str("pk")?.to_string(), i.opt_str("sk")?)))
+                .collect();
+            let mut runs: HashMap<String, Item> = self
+                .batch_get(keys.clone())
+                .await?
+                .into_iter()
+                .filter_map(|i| Some((i.opt_str("pk")?.to_string(), i)))
+                .collect();
+            // In the index's order; a run gone meanwhile (expired) is left out.
+            for k in &keys {
+                let Some(item) = k.opt_str("pk").and_then(|pk| runs.remove(pk)) else {
+                    continue;
+                };
+                let run = summary(&item)?;
+                if status.is_some_and(|st| st != run.status) {
+                    continue;
+                }
+                out.push(run);
                 if out.len() >= limit {
                     return Ok(out);
                 }

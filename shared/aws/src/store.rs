@@ -78,8 +78,9 @@ impl DynamoStore {
         )))
     }
 
-    /// The items at these keys (absent ones left out), strongly consistent.
-    async fn batch_get(&self, keys: Vec<Item>) -> Result<Vec<Item>, StoreError> {
+    /// The items at these keys (absent ones left out, the others in no particular order),
+    /// strongly consistent.
+    pub(crate) async fn batch_get(&self, keys: Vec<Item>) -> Result<Vec<Item>, StoreError> {
         let mut found = Vec::new();
         for chunk in keys.chunks(BATCH_GET) {
             let mut pending = Some(
@@ -99,7 +100,7 @@ impl DynamoStore {
                     .request_items(&self.config.table, request)
                     .send()
                     .await
-                    .map_err(|e| unavailable("reading playbooks", e))?;
+                    .map_err(|e| unavailable("reading items in a batch", e))?;
                 if let Some(mut responses) = out.responses.take() {
                     found.extend(responses.remove(&self.config.table).unwrap_or_default());
                 }
@@ -110,7 +111,7 @@ impl DynamoStore {
             }
             if pending.is_some() {
                 return Err(StoreError::Unavailable(
-                    "reading playbooks: DynamoDB kept keys unprocessed".into(),
+                    "reading items in a batch: DynamoDB kept keys unprocessed".into(),
                 ));
             }
         }

@@ -158,27 +158,26 @@ fn string_attribute(name: &str) -> AttributeDefinition {
 pub const GSI1_ATTRIBUTES: &[&str] = &["id", "rule", "latest", "deleted"];
 /// What gsi3 copies: the run's id (the timer reads the run itself).
 pub const GSI3_ATTRIBUTES: &[&str] = &["id"];
-/// What gsi2 copies: a run's summary, all that `list_runs` reads.
-pub const GSI2_ATTRIBUTES: &[&str] = &[
-    "id",
-    "playbook_id",
-    "playbook_version",
-    "status",
-    "created_at",
-    "finished_at",
-];
+/// What gsi2 copies: nothing but the keys (`KEYS_ONLY`). `list_runs` reads the runs it finds
+/// there, so the copy is written once, when the run is created, and never again: a projected
+/// status would rewrite it at every status change, on one index partition shared by every run.
+pub const GSI2_ATTRIBUTES: &[&str] = &[];
 
 fn index(name: &str, pk: &str, sk: &str, attributes: &[&str]) -> GlobalSecondaryIndex {
     GlobalSecondaryIndex::builder()
         .index_name(name)
         .key_schema(key(pk, KeyType::Hash))
         .key_schema(key(sk, KeyType::Range))
-        .projection(
+        .projection(if attributes.is_empty() {
+            Projection::builder()
+                .projection_type(ProjectionType::KeysOnly)
+                .build()
+        } else {
             Projection::builder()
                 .projection_type(ProjectionType::Include)
                 .set_non_key_attributes(Some(attributes.iter().map(|a| a.to_string()).collect()))
-                .build(),
-        )
+                .build()
+        })
         .build()
         .expect("name, keys and projection are set")
 }

@@ -105,7 +105,7 @@ async fn the_table_has_its_three_indexes_on_demand_with_ttl() {
             (
                 "gsi2".to_string(),
                 vec!["gsi2pk".to_string(), "gsi2sk".to_string()],
-                Some(ProjectionType::Include),
+                Some(ProjectionType::KeysOnly),
                 riposte_aws::table::GSI2_ATTRIBUTES
                     .iter()
                     .map(|a| a.to_string())

@@ -505,7 +505,12 @@ async fn a_worker_near_its_deadline_hands_the_next_steps_to_the_queue() {
     }
     assert!(v.slack.requests().is_empty(), "nothing posted yet");
     let (next, _) = receive_batch(&a.sqs, &a.queue).await;
-    let mut steps: Vec<String> = next
+    assert_eq!(steps_in(&next), ["ask_admins", "tell_soc"]);
+}
+
+/// The steps the step messages of a batch name, sorted.
+fn steps_in(messages: &[aws_sdk_sqs::types::Message]) -> Vec<String> {
+    let mut steps: Vec<String> = messages
         .iter()
         .map(|m| {
             riposte_aws::parse_message(m.body.as_deref().unwrap())
@@ -514,7 +519,7 @@ async fn a_worker_near_its_deadline_hands_the_next_steps_to_the_queue() {
         })
         .collect();
     steps.sort();
-    assert_eq!(steps, ["ask_admins", "tell_soc"]);
+    steps
 }
 
 /// While armed, holds the first run write until a second one arrives (2 s at most), so that two
@@ -570,16 +575,10 @@ async fn two_branches_finishing_together_in_one_batch_are_recorded_without_a_ref
 
     // The decision's batch: the chat update and both branches, delivered together.
     let (messages, event) = receive_batch(&a.sqs, &a.queue).await;
-    let mut steps: Vec<String> = messages
-        .iter()
-        .map(|m| {
-            riposte_aws::parse_message(m.body.as_deref().unwrap())
-                .unwrap()
-                .step
-        })
-        .collect();
-    steps.sort();
-    assert_eq!(steps, ["ask_admins", "block_ip", "disable_user"]);
+    assert_eq!(
+        steps_in(&messages),
+        ["ask_admins", "block_ip", "disable_user"]
+    );
     together.armed.store(true, Ordering::SeqCst);
     let response = riposte_lambda::on_messages(&a.service, event, 5, None).await;
     assert!(response.batch_item_failures.is_empty());

@@ -118,6 +118,26 @@ impl Aws {
         );
     }
 
+    /// Delivers messages until the run waits for the admins' decision (the SOC told).
+    async fn asking(&self, id: &str) -> Run {
+        self.until(id, "waiting", |r| {
+            r.status == RunStatus::Waiting && r.step("tell_soc").unwrap().status.is_terminal()
+        })
+        .await
+    }
+
+    /// Delivers messages until the run ends, and checks that it succeeded.
+    async fn succeeded(&self, id: &str) -> Run {
+        let run = self.until(id, "finished", |r| r.status.is_terminal()).await;
+        assert_eq!(
+            run.status,
+            RunStatus::Succeeded,
+            "{}",
+            riposte::timeline::render(&run)
+        );
+        run
+    }
+
     async fn post_link(&self, link: &str) -> (u16, String) {
         let path = link
             .strip_prefix("https://riposte.example.com")
@@ -178,23 +198,14 @@ async fn block_through_the_lambda_handlers_and_a_duplicate_message_changes_nothi
     let v = vendors().await;
     let a = aws(&v).await;
     let id = started(&a).await;
-    a.until(&id, "waiting", |r| {
-        r.status == RunStatus::Waiting && r.step("tell_soc").unwrap().status.is_terminal()
-    })
-    .await;
+    a.asking(&id).await;
     assert_eq!(v.servicenow.requests().len(), 1);
     let block = link(&v, "Block");
     assert!(block.starts_with("https://riposte.example.com/approvals/"));
     let (status, html) = a.post_link(&block).await;
     assert_eq!(status, 200, "{html}");
     assert_eq!(a.post_link(&link(&v, "Ignore")).await.0, 409);
-    let run = a.until(&id, "finished", |r| r.status.is_terminal()).await;
-    assert_eq!(
-        run.status,
-        RunStatus::Succeeded,
-        "{}",
-        riposte::timeline::render(&run)
-    );
+    a.succeeded(&id).await;
     // The Slack question is updated in place with who decided (the Announce message, via SQS).
     for _ in 0..100 {
         if v.slack.requests().len() >= 3 {
@@ -356,18 +367,9 @@ async fn ignore_through_the_lambda_handlers() {
     let v = vendors().await;
     let a = aws(&v).await;
     let id = started(&a).await;
-    a.until(&id, "waiting", |r| {
-        r.status == RunStatus::Waiting && r.step("tell_soc").unwrap().status.is_terminal()
-    })
-    .await;
+    a.asking(&id).await;
     assert_eq!(a.post_link(&link(&v, "Ignore")).await.0, 200);
-    let run = a.until(&id, "finished", |r| r.status.is_terminal()).await;
-    assert_eq!(
-        run.status,
-        RunStatus::Succeeded,
-        "{}",
-        riposte::timeline::render(&run)
-    );
+    a.succeeded(&id).await;
     let sh = v.securityhub.requests();
     assert_eq!(sh.len(), 1);
     assert_eq!(
@@ -390,10 +392,7 @@ async fn an_unanswered_approval_expires_through_the_timer_function() {
     let v = vendors().await;
     let a = aws(&v).await;
     let id = started(&a).await;
-    a.until(&id, "waiting", |r| {
-        r.status == RunStatus::Waiting && r.step("tell_soc").unwrap().status.is_terminal()
-    })
-    .await;
+    a.asking(&id).await;
     use riposte_core::ports::Clock;
     // Four hours is past SQS's 15-minute delay: the expiry waits with the run (its wake index),
     // not as a queued message or a timer item.
@@ -406,13 +405,7 @@ async fn an_unanswered_approval_expires_through_the_timer_function() {
     a.clock.advance(4 * 3_600_000 + 10_000);
     assert_eq!(a.store.fire_due_timers(a.clock.now()).await.unwrap(), 0);
     assert_eq!(a.store.fire_due_wakes(a.clock.now()).await.unwrap(), 1);
-    let run = a.until(&id, "finished", |r| r.status.is_terminal()).await;
-    assert_eq!(
-        run.status,
-        RunStatus::Succeeded,
-        "{}",
-        riposte::timeline::render(&run)
-    );
+    let run = a.succeeded(&id).await;
     assert_eq!(
         run.step("ask_admins").unwrap().output.as_ref().unwrap()["expired"],
         true
@@ -567,10 +560,7 @@ async fn two_branches_finishing_together_in_one_batch_are_recorded_without_a_ref
     let hook = together.clone();
     let a = aws_over(&v, move |store| Arc::new(Wrapped::new(store, Meet(hook)))).await;
     let id = started(&a).await;
-    a.until(&id, "waiting", |r| {
-        r.status == RunStatus::Waiting && r.step("tell_soc").unwrap().status.is_terminal()
-    })
-    .await;
+    a.asking(&id).await;
     assert_eq!(a.post_link(&link(&v, "Block")).await.0, 200);
 
     // The decision's batch: the chat update and both branches, delivered together.
@@ -588,13 +578,7 @@ async fn two_branches_finishing_together_in_one_batch_are_recorded_without_a_ref
         "both branches recorded in that batch"
     );
 
-    let run = a.until(&id, "finished", |r| r.status.is_terminal()).await;
-    assert_eq!(
-        run.status,
-        RunStatus::Succeeded,
-        "{}",
-        riposte::timeline::render(&run)
-    );
+    let run = a.succeeded(&id).await;
     for step in [
         "block_ip",
         "disable_user",

@@ -785,10 +785,9 @@ impl DynamoStore {
         Ok(ids)
     }
 
-    /// Runs newest first (ties by id, descending), from the runs-by-time index.
-    /// Runs newest first: the keys from gsi2 (keys only, so that a status change never
-    /// rewrites the index), then the runs themselves in one batch per page; a status filter is
-    /// applied to what is read.
+    /// Runs newest first (ties by id, descending): the keys from the runs-by-time index (gsi2,
+    /// keys only, so that a status change never rewrites it), then the runs themselves in one
+    /// batch per page; a status filter is applied to what is read.
     pub(crate) async fn query_runs(
         &self,
         limit: usize,

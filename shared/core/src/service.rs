@@ -1280,7 +1280,7 @@ impl Service {
 
     /// Answers an approval with the link's choice. The first valid answer wins.
     pub async fn decide(&self, token: &str, by: Option<&str>) -> Result<ApprovalView, Error> {
-        let (claims, _, _, _) = self.approval_of(token).await?;
+        let (claims, run, ver, _) = self.approval_of(token).await?;
         if claims.e <= self.now() {
             return Err(Error::Gone("this approval link has expired".into()));
         }
@@ -1302,6 +1302,7 @@ impl Service {
             &claims.c,
             &who,
             Some(&claims.n),
+            Some((run, ver)),
         )
         .await
     }
@@ -1316,10 +1317,13 @@ impl Service {
         choice: &str,
         by: &str,
     ) -> Result<ApprovalView, Error> {
-        self.decide_at(run_id, step, iteration, choice, by, None)
+        self.decide_at(run_id, step, iteration, choice, by, None, None)
             .await
     }
 
+    /// Records the answer; `loaded`: the run as just read (the link's checks read it), written
+    /// on as it is (no second read); after a conflict, the run is read again.
+    #[allow(clippy::too_many_arguments)]
     async fn decide_at(
         &self,
         run_id: &str,
@@ -1328,9 +1332,13 @@ impl Service {
         choice: &str,
         who: &str,
         nonce: Option<&str>,
+        mut loaded: Option<(Run, u64)>,
     ) -> Result<ApprovalView, Error> {
         for _ in 0..MAX_CONFLICT_RETRIES {
-            let (mut run, ver) = self.load(run_id).await?;
+            let (mut run, ver) = match loaded.take() {
+                Some(copy) => copy,
+                None => self.load(run_id).await?,
+            };
             let ap = run
                 .steps
                 .iter()

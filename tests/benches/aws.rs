@@ -470,11 +470,11 @@ fn write_costs(
                 return WriteCost { base, gsi: 0.0 };
             }
             // Each index bills its own copy, at the size of what it projects (the keys plus its
-            // INCLUDE attributes, riposte_aws::table, none for gsi2; never the run body), and only when that copy
-            // changes: put into the index (1 write), removed from it (1), its index key changed
-            // (2: a delete and a put), or a projected attribute changed (1); a write that changes
-            // nothing the index holds costs the index nothing (the developer guide's "Global
-            // secondary indexes: writes").
+            // INCLUDE attributes, riposte_aws::table, none for gsi2; never the run body), and only
+            // when that copy changes: put into the index (1 write), removed from it (1), its index
+            // key changed (2: a delete and a put), or a projected attribute changed (1); a write
+            // that changes nothing the index holds costs the index nothing (the developer guide's
+            // "Global secondary indexes: writes").
             let before_item = known
                 .get(&w.key)
                 .and_then(|obs| obs.iter().rfind(|(i, _)| *i < w.call))

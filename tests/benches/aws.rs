@@ -845,6 +845,13 @@ async fn api_calls_and_cost() -> Moto {
     // The run body is stored deflated (`z`, base64 on the wire).
     let run_body = run_item["z"]["B"].as_str().map_or(0, |b| b.len() * 3 / 4);
 
+    if let Some(path) = std::env::var_os("RIPOSTE_BENCH_DUMP_RUN") {
+        std::fs::write(
+            path,
+            serde_json::to_string_pretty(&run).expect("run as JSON"),
+        )
+        .expect("writing the run");
+    }
     println!("# Riposte on AWS: the numbers, measured");
     println!();
     println!("## 1. AWS API calls per step (Block/Ignore playbook, block branch, against moto)");

@@ -216,6 +216,61 @@ fn repeat_safe(engine: &Engine<'_>, msg: &StepMessage, work: &Work) -> bool {
         })
 }
 
+/// An outcome applied to the run in hand but not written yet (see [`Service::perform_queue`]).
+struct Held {
+    msg: StepMessage,
+    outcome: Outcome,
+    /// Whether the step's claim was written (it then has a lease in the store).
+    claim_written: bool,
+    /// Whether the step's work is repeat-safe.
+    safe: bool,
+}
+
+/// The outcome of the step held last.
+fn held_outcome(held: &[Held]) -> Outcome {
+    held.last()
+        .map(|h| h.outcome.clone())
+        .unwrap_or(Outcome::Waiting)
+}
+
+/// The lease of a step's iteration as the run holds it.
+fn lease_of(run: &Run, msg: &StepMessage) -> Option<Millis> {
+    run.step(&msg.step)?
+        .iterations
+        .get(msg.iteration as usize)?
+        .lease_until
+}
+
+/// Applies the outcomes held, in order, to a run read again: each step whose claim was not
+/// written is claimed first (and its message, which the outcome before it made ready, is then
+/// not sent). Returns how many applied; the others were done or taken by another meanwhile.
+fn reapply(
+    engine: &Engine<'_>,
+    run: &mut Run,
+    held: &[Held],
+    now: Millis,
+    fx: &mut Effects,
+) -> usize {
+    let mut applied = 0;
+    for h in held {
+        let claimed = h.claim_written
+            || match engine.claim(run, &h.msg, now, None, fx) {
+                Claim::Execute(_) => {
+                    fx.messages.retain(|(m, _)| *m != h.msg);
+                    true
+                }
+                _ => false,
+            };
+        if claimed && engine.finish(run, &h.msg, h.outcome.clone(), now, fx) {
+            applied += 1;
+        }
+    }
+    applied
+}
+
+/// The most outcomes held for one write (see [`Service::perform_queue`]).
+const MAX_HELD: usize = 8;
+
 fn outcome_of(result: Result<crate::http::HttpResponse, HttpError>) -> Outcome {
     match result {
         Ok(r) => {
@@ -849,6 +904,13 @@ impl Service {
     /// claims the steps it makes ready (see [`Service::execute`]). Each entry: the step's message,
     /// its work, and whether its claim was written. `fx`: effects not yet written (of the first
     /// entry's claim, when that was not written).
+    ///
+    /// Repeat-safe outcomes are grouped: when a repeat-safe step makes only repeat-safe steps
+    /// ready (and nothing else to write: no child run), its outcome is kept here and recorded by
+    /// the write that records theirs, while every step so held can still be recorded before its
+    /// written claim's lease ends. A worker lost meanwhile loses only repeat-safe work, which is
+    /// done again when its message comes back; a step that must not be repeated blindly always
+    /// has its claim written before it starts.
     #[allow(clippy::too_many_arguments)]
     async fn perform_queue(
         &self,
@@ -864,34 +926,56 @@ impl Service {
         // still carried under this message by another worker.
         let mut handled = Handled::Done;
         let mut carried = 0;
+        // Outcomes applied to `run` but not yet written, in the order they came: (message,
+        // outcome, whether its claim was written, whether its work is repeat-safe).
+        let mut held: Vec<Held> = Vec::new();
+        // The earliest lease among the written claims of the steps held: they are written before.
+        let mut lease: Option<Millis> = None;
         while let Some((msg, work, claim_written)) = queue.pop_front() {
+            let safe = repeat_safe(engine, &msg, &work);
+            if claim_written && let Some(l) = lease_of(&run, &msg) {
+                lease = Some(lease.map_or(l, |e| e.min(l)));
+            }
             let outcome = self.perform(&work).await;
+            held.push(Held {
+                msg: msg.clone(),
+                outcome,
+                claim_written,
+                safe,
+            });
             // Recorded on the copy held (most often nobody changed the run meanwhile, so no read
             // before writing), or on a newer one this process wrote meanwhile; on a conflict, on
-            // the run as it stands.
+            // the run as it stands. `run` has every outcome held but this one applied, unless it
+            // was replaced by a newer copy (`fresh`): then all of them are applied again.
             let slot = self.written(&msg.run_id);
             let mut newest = slot.lock().await;
-            let mut reloaded = false;
+            let mut fresh = false;
             if let Some((r, v)) = newest.as_ref()
                 && *v > ver
             {
                 run = r.clone();
                 ver = *v;
                 fx = Effects::default();
-                reloaded = true;
+                fresh = true;
             }
             let mut recorded = false;
             let mut dropped = false;
             for _ in 0..MAX_CONFLICT_RETRIES {
                 let now = self.now();
-                // A claim never written is made again on a reloaded run.
-                let claimed = !reloaded
-                    || claim_written
-                    || matches!(
-                        engine.claim(&mut run, &msg, now, None, &mut fx),
-                        Claim::Execute(_)
-                    );
-                if !(claimed && engine.finish(&mut run, &msg, outcome.clone(), now, &mut fx)) {
+                let applied = if fresh {
+                    reapply(engine, &mut run, &held, now, &mut fx)
+                } else {
+                    // The outcomes held before this one are in `run` already.
+                    held.len() - 1
+                        + usize::from(engine.finish(
+                            &mut run,
+                            &msg,
+                            held_outcome(&held),
+                            now,
+                            &mut fx,
+                        ))
+                };
+                if applied == 0 {
                     dropped = true;
                     break;
                 }
@@ -906,11 +990,39 @@ impl Service {
                 } else {
                     vec![]
                 };
+                let next_time: Millis = next
+                    .iter()
+                    .fold(0, |t, (m, _)| t.saturating_add(timeout_of(engine, m)));
+                let hold = queue.is_empty()
+                    && !next.is_empty()
+                    && held.len() < MAX_HELD
+                    && held.iter().all(|h| h.safe)
+                    && next.iter().all(|(m, w)| repeat_safe(engine, m, w))
+                    && fx.messages.is_empty()
+                    && fx.new_runs.is_empty()
+                    && lease.is_none_or(|l| {
+                        now.saturating_add(next_time)
+                            .saturating_add(CARRY_MARGIN_MS)
+                            <= l
+                    });
+                if hold {
+                    // Recorded with the outcomes of the steps it made ready, after them.
+                    carried += next.len();
+                    queue.extend(next.into_iter().map(|(m, w)| (m, w, false)));
+                    recorded = true;
+                    break;
+                }
                 match self.d.store.save_run(&run, ver, &fx).await {
                     Ok(()) => {
                         ver += 1;
                         *newest = Some((run.clone(), ver));
                         fx = Effects::default();
+                        held.clear();
+                        lease = None;
+                        // The claims of the steps still queued here were in the run just written.
+                        for entry in queue.iter_mut() {
+                            entry.2 = true;
+                        }
                         carried += next.len();
                         queue.extend(next.into_iter().map(|(m, w)| (m, w, true)));
                         recorded = true;
@@ -923,7 +1035,7 @@ impl Service {
                         run = again;
                         ver = v;
                         fx = Effects::default();
-                        reloaded = true;
+                        fresh = true;
                     }
                     // The steps already carried are taken over when the message comes back.
                     Err(e) => return Err(e.into()),
@@ -931,15 +1043,17 @@ impl Service {
             }
             drop(newest);
             if dropped {
-                // Done or taken by another meanwhile: this outcome is dropped. Steps may still be
-                // carried under this message (by a duplicate of it).
-                if msg == *carrier {
+                // Done or taken by another meanwhile: these outcomes are dropped. Steps may still
+                // be carried under this message (by a duplicate of it).
+                if held.iter().any(|h| h.msg == *carrier) {
                     let now = self.now();
                     let h = self.adopt(engine, run.clone(), carrier, now, until).await?;
                     if h != Handled::Done {
                         handled = h;
                     }
                 }
+                held.clear();
+                lease = None;
                 // The copy held may have been changed by the attempt: the steps still queued
                 // here are recorded on the run as it stands.
                 let Some((again, v)) = self.d.store.load_run(&msg.run_id).await? else {

@@ -598,3 +598,141 @@ async fn two_branches_finishing_together_in_one_batch_are_recorded_without_a_ref
         "the second branch's outcome was written on the first's, not refused and written again"
     );
 }
+
+/// Counts the run writes that landed, and fails (once, as if the worker were lost before it) the
+/// first write that would record `revoke_sessions` as succeeded.
+#[derive(Default)]
+struct Writes {
+    landed: AtomicUsize,
+    lose_group: AtomicBool,
+}
+
+struct CountWrites(Arc<Writes>);
+
+impl Hook for CountWrites {
+    async fn around<T: Send>(
+        &self,
+        op: Op<'_>,
+        call: futures_util::future::BoxFuture<'_, Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        let w = &self.0;
+        let Op::SaveRun { run, .. } = op else {
+            return call.await;
+        };
+        let records_revoke = run.step("revoke_sessions").unwrap().status == StepStatus::Succeeded;
+        if records_revoke && w.lose_group.swap(false, Ordering::SeqCst) {
+            return Err(StoreError::Unavailable("the worker was lost".into()));
+        }
+        let result = call.await;
+        if result.is_ok() {
+            w.landed.fetch_add(1, Ordering::SeqCst);
+        }
+        result
+    }
+}
+
+/// The decision's branches: `block_ip` on the firewall, and `disable_user`, which makes
+/// `revoke_sessions` ready, which (with `block_ip`) makes `resolve_ticket` ready; all four
+/// repeat-safe, and delivered in one batch. Returns the run's id and how many run writes that
+/// batch made.
+async fn decide_block_in_one_batch(v: &Vendors, writes: &Arc<Writes>, a: &Aws) -> (String, usize) {
+    let id = started(a).await;
+    a.asking(&id).await;
+    assert_eq!(a.post_link(&link(v, "Block")).await.0, 200);
+    let (messages, event) = receive_batch(&a.sqs, &a.queue).await;
+    assert_eq!(
+        steps_in(&messages),
+        ["ask_admins", "block_ip", "disable_user"]
+    );
+    let before = writes.landed.load(Ordering::SeqCst);
+    let response = riposte_lambda::on_messages(&a.service, event, 5, None).await;
+    acknowledge(&a.sqs, &a.queue, &messages, &response).await;
+    // A message handed back is seen again once its visibility timeout ends: now, here.
+    for m in &messages {
+        if response
+            .batch_item_failures
+            .iter()
+            .any(|f| Some(f.item_identifier.as_str()) == m.message_id.as_deref())
+        {
+            a.sqs
+                .change_message_visibility()
+                .queue_url(&a.queue)
+                .receipt_handle(m.receipt_handle.clone().unwrap())
+                .visibility_timeout(0)
+                .send()
+                .await
+                .unwrap();
+        }
+    }
+    (id, writes.landed.load(Ordering::SeqCst) - before)
+}
+
+/// A repeat-safe step that makes only repeat-safe steps ready is recorded by their write: the
+/// four steps after the decision take two run writes, not four, and the run's history still
+/// shows each step start and succeed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeat_safe_steps_in_a_chain_are_recorded_by_one_write() {
+    let v = vendors().await;
+    let writes = Arc::new(Writes::default());
+    let hook = writes.clone();
+    let a = aws_over(&v, move |s| Arc::new(Wrapped::new(s, CountWrites(hook)))).await;
+    let (id, landed) = decide_block_in_one_batch(&v, &writes, &a).await;
+    let run = a.succeeded(&id).await;
+    assert_eq!(
+        landed, 2,
+        "block_ip by one write; disable_user, revoke_sessions and resolve_ticket by one more"
+    );
+    for step in [
+        "block_ip",
+        "disable_user",
+        "revoke_sessions",
+        "resolve_ticket",
+    ] {
+        let events: Vec<&str> = run
+            .history
+            .iter()
+            .filter(|h| h.step.as_deref() == Some(step) && h.iteration.is_some())
+            .map(|h| h.event.as_str())
+            .collect();
+        assert_eq!(events, ["started", "succeeded"], "{step}");
+    }
+}
+
+/// A worker lost before the write that would have recorded a group of repeat-safe steps loses
+/// only their outcomes: its message comes back, they are done again, and the run succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_lost_before_recording_grouped_steps_has_them_done_again() {
+    let v = vendors().await;
+    let writes = Arc::new(Writes {
+        lose_group: AtomicBool::new(true),
+        ..Writes::default()
+    });
+    let hook = writes.clone();
+    let a = aws_over(&v, move |s| Arc::new(Wrapped::new(s, CountWrites(hook)))).await;
+    let (id, _) = decide_block_in_one_batch(&v, &writes, &a).await;
+    assert!(
+        !writes.lose_group.load(Ordering::SeqCst),
+        "the group's write was lost"
+    );
+    let lost = a.run(&id).await;
+    assert_eq!(
+        lost.step("revoke_sessions").unwrap().status,
+        StepStatus::Pending,
+        "nothing of the lost group was recorded"
+    );
+    let run = a.succeeded(&id).await;
+    assert_eq!(
+        run.step("resolve_ticket").unwrap().status,
+        StepStatus::Succeeded
+    );
+    let revokes = v
+        .entra
+        .requests()
+        .iter()
+        .filter(|r| r.path.ends_with("/revokeSignInSessions"))
+        .count();
+    assert_eq!(
+        revokes, 2,
+        "revoke_sessions was done again, as repeat-safe work may be"
+    );
+}

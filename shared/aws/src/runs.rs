@@ -55,6 +55,13 @@ const PATIENCE_MS: [u64; 5] = [50, 100, 200, 400, 800];
 /// How long after a waiting run's wake the timer sends it (a wake due within SQS's delay was
 /// queued too, and that message is most likely handled by then).
 pub const WAKE_GRACE_MS: Millis = 5_000;
+/// A run's input item is given its expiry when it is written: its run's retention after a day
+/// past the run's last write (its creation, for a run younger than a day), so that a run ending
+/// within a day of its creation never writes its input again. An older run extends it at each
+/// write, and a run waiting that long with nothing due is written again by the timer once a day
+/// to extend it ([`DynamoStore::fire_due_wakes`]). An input thus outlives its run's records by a
+/// day at most, and never expires before them.
+pub const INPUT_HORIZON_MS: Millis = 86_400_000;
 /// The sweep sends outboxes pending for longer than this.
 pub const STALE_OUTBOX_MS: Millis = 60_000;
 /// Pages of one outbox shard read per sweep (25 runs each).
@@ -83,6 +90,18 @@ impl DynamoStore {
         self.epoch_seconds_after_retention(now).map(n)
     }
 
+    /// The expiry a run's input item is given when `run` is written (see [`INPUT_HORIZON_MS`]).
+    fn input_expiry(&self, run: &Run) -> Option<AttributeValue> {
+        self.expiry(input_base(run).saturating_add(INPUT_HORIZON_MS))
+    }
+
+    /// When a run written as `run` must be written again to extend its input's expiry, if it is
+    /// waiting with nothing due before then (see [`INPUT_HORIZON_MS`]).
+    fn input_refresh_at(&self, run: &Run) -> Option<Millis> {
+        (self.config.retention_days > 0 && run.status == RunStatus::Waiting)
+            .then(|| input_base(run).saturating_add(INPUT_HORIZON_MS))
+    }
+
     /// The run item without its outbox; `body` is the run's JSON, stored deflated as `z`.
     fn run_item(&self, run: &Run, version: u64, body: &str, now: Millis) -> Item {
         let mut item = key(run_pk(&run.id), SK_RUN);
@@ -104,7 +123,13 @@ impl DynamoStore {
         if let Some(at) = run.finished_at {
             item.insert("finished_at".into(), n(at));
         }
-        if let Some(at) = run.wakes().iter().map(|w| w.1).min() {
+        if let Some(at) = run
+            .wakes()
+            .iter()
+            .map(|w| w.1)
+            .chain(self.input_refresh_at(run))
+            .min()
+        {
             item.insert("gsi3pk".into(), s(wake_gsi3pk(&run.id)));
             item.insert("gsi3sk".into(), s(wake_gsi3sk(at, &run.id)));
         }
@@ -157,10 +182,10 @@ impl DynamoStore {
         }
         if expected.is_none() {
             // Written once, before the run: a run item is never without its input.
-            self.put_input(run, now).await?;
-        } else if run.status.is_terminal() {
-            // Before the write that ends the run, so that no input outlives its run's retention.
-            self.expire_input(&run.id, now).await?;
+            self.put_input(run).await?;
+        } else if input_base(run) != run.created_at {
+            // A run older than a day: before the write, so that its input never expires first.
+            self.expire_input(run).await?;
         }
         let body = fit_body(&without_input(run), budget, now)?;
         let mut item = self.run_item(run, version, &body, now);
@@ -240,7 +265,7 @@ impl DynamoStore {
                     .put(
                         Put::builder()
                             .table_name(&self.config.table)
-                            .set_item(Some(self.input_item(child, now)?))
+                            .set_item(Some(self.input_item(child)?))
                             .build()
                             .map_err(build)?,
                     )
@@ -438,15 +463,13 @@ impl DynamoStore {
         Ok(Some((run, version)))
     }
 
-    fn input_item(&self, run: &Run, now: Millis) -> Result<Item, StoreError> {
+    fn input_item(&self, run: &Run) -> Result<Item, StoreError> {
         let mut item = key(run_pk(&run.id), SK_INPUT);
         item.insert(
             BODY_ATTRIBUTE.into(),
             AttributeValue::B(Blob::new(deflate(&to_json(&run.input)?))),
         );
-        if run.status.is_terminal()
-            && let Some(at) = self.expiry(now)
-        {
+        if let Some(at) = self.input_expiry(run) {
             item.insert(TTL_ATTRIBUTE.into(), at);
         }
         Ok(item)
@@ -454,12 +477,12 @@ impl DynamoStore {
 
     /// Writes a new run's input item, unless it exists (a redelivered event creating the same run
     /// again: the same input, perhaps with its expiry set already).
-    async fn put_input(&self, run: &Run, now: Millis) -> Result<(), StoreError> {
+    async fn put_input(&self, run: &Run) -> Result<(), StoreError> {
         let res = self
             .dynamo
             .put_item()
             .table_name(&self.config.table)
-            .set_item(Some(self.input_item(run, now)?))
+            .set_item(Some(self.input_item(run)?))
             .condition_expression("attribute_not_exists(pk)")
             .send()
             .await;
@@ -480,9 +503,11 @@ impl DynamoStore {
         }
     }
 
-    /// Gives a run's input item the expiry of a finished run (none when retention is 0).
-    async fn expire_input(&self, run_id: &str, now: Millis) -> Result<(), StoreError> {
-        let Some(at) = self.expiry(now) else {
+    /// Gives a run's input item the expiry that `run`, about to be written, calls for (none when
+    /// retention is 0).
+    async fn expire_input(&self, run: &Run) -> Result<(), StoreError> {
+        let run_id = &run.id;
+        let Some(at) = self.input_expiry(run) else {
             return Ok(());
         };
         let res = self
@@ -699,8 +724,10 @@ impl DynamoStore {
     /// Sends the messages of waiting runs that are due at `now` ([`Run::wakes`]), found by the wake
     /// index; only runs whose earliest wake passed [`WAKE_GRACE_MS`] ago (a wake within SQS's
     /// delay was also queued, and is most likely handled by then). Each run is read before
-    /// anything is sent; a message sent twice is stale the second time. Reads at most 4 pages of
-    /// 100 runs per shard per call; returns how many messages it sent.
+    /// anything is sent; a message sent twice is stale the second time. A run found waiting a
+    /// day with nothing due is written again instead, to extend its input's expiry
+    /// ([`INPUT_HORIZON_MS`]). Reads at most 4 pages of 100 runs per shard per call; returns how
+    /// many messages it sent.
     pub async fn fire_due_wakes(&self, now: Millis) -> Result<usize, StoreError> {
         let cutoff = pad(now.saturating_sub(WAKE_GRACE_MS).saturating_add(1));
         let mut fired = 0;
@@ -709,7 +736,7 @@ impl DynamoStore {
             .await?
         {
             // The index lags: the run itself says what is due.
-            let Some((run, _)) = self.read_run(&run_id).await? else {
+            let Some((run, version)) = self.read_run(&run_id).await? else {
                 continue;
             };
             let due: Vec<(StepMessage, i32)> = run
@@ -718,6 +745,22 @@ impl DynamoStore {
                 .filter(|(_, at)| *at <= now)
                 .map(|(m, _)| (m, 0))
                 .collect();
+            if due.is_empty() && self.input_refresh_at(&run).is_some_and(|at| at <= now) {
+                // Waiting for a day with nothing due: written again, which extends its input's
+                // expiry and moves its wake a day on. Refused: another writer did it.
+                let touched = Run {
+                    updated_at: now,
+                    ..run
+                };
+                match self
+                    .commit_run(&touched, Some(version), &Effects::default())
+                    .await?
+                {
+                    Commit::Refused(item) => self.flush_refused(&run_id, item).await?,
+                    Commit::Done(_) | Commit::ChildExists(_) => {}
+                }
+                continue;
+            }
             self.send(&due).await?;
             fired += due.len();
         }
@@ -918,6 +961,16 @@ fn unless_refused<T>(
             Ok(())
         }
         Err(e) => Err(unavailable(&what(), e)),
+    }
+}
+
+/// From when a run's input expiry is counted ([`INPUT_HORIZON_MS`]): its creation, or its last
+/// write once it is older than the horizon.
+fn input_base(run: &Run) -> Millis {
+    if run.updated_at.saturating_sub(run.created_at) >= INPUT_HORIZON_MS {
+        run.updated_at
+    } else {
+        run.created_at
     }
 }
 

@@ -718,27 +718,101 @@ async fn a_600_kb_output_is_truncated_and_the_write_succeeds() {
     assert!(riposte_aws::run_json_of_item(&raw).unwrap().len() <= 350 * 1024);
 }
 
+const DAY: i64 = 86_400_000;
+
+/// The expiry (epoch seconds) retention gives a record counted from `at`.
+fn retained_from(at: i64) -> Option<i64> {
+    Some(at / 1000 + i64::from(RETENTION_DAYS) * 86_400)
+}
+
 #[tokio::test]
 async fn finished_runs_expire_after_retention_and_running_ones_do_not() {
     let f = fixture().await;
     let r = run("r1", T0);
     f.store.create_run(&r, &none()).await.unwrap();
     assert!(!f.raw_run("r1").await.unwrap().contains_key("expires_at"));
+    // The input is given its expiry when written: retention after a day past its run's creation.
+    let input_expiry = retained_from(T0 + DAY);
+    let input = f.raw("RUN#r1", "INPUT").await.unwrap();
+    assert_eq!(attr_n(&input, "expires_at"), input_expiry);
     let mut done = r.clone();
     done.status = RunStatus::Succeeded;
     done.finished_at = Some(T0 + 10);
+    done.updated_at = T0 + 10;
     let now = f.clock.advance(10_000);
     f.store.save_run(&done, 1, &none()).await.unwrap();
     let raw = f.raw_run("r1").await.unwrap();
-    let expiry = Some(now / 1000 + i64::from(RETENTION_DAYS) * 86_400);
+    let expiry = retained_from(now);
     assert_eq!(attr_n(&raw, "expires_at"), expiry);
-    // The input, in its own item, expires with its run.
+    // A run ending within a day leaves its input as written: it expires after its run, by less
+    // than a day.
     let input = f.raw("RUN#r1", "INPUT").await.unwrap();
-    assert_eq!(attr_n(&input, "expires_at"), expiry);
+    assert_eq!(attr_n(&input, "expires_at"), input_expiry);
+    assert!(input_expiry > expiry && input_expiry < expiry.map(|e| e + 86_400));
     // A redelivered event creating the same run again does not make its input immortal.
     assert!(!f.store.create_run(&r, &none()).await.unwrap());
     let input = f.raw("RUN#r1", "INPUT").await.unwrap();
-    assert_eq!(attr_n(&input, "expires_at"), expiry);
+    assert_eq!(attr_n(&input, "expires_at"), input_expiry);
+}
+
+#[tokio::test]
+async fn a_run_older_than_a_day_extends_its_inputs_expiry_when_written() {
+    let f = fixture().await;
+    let r = run("r1", T0);
+    f.store.create_run(&r, &none()).await.unwrap();
+    let mut done = r.clone();
+    done.status = RunStatus::Succeeded;
+    done.finished_at = Some(T0 + 3 * DAY);
+    done.updated_at = T0 + 3 * DAY;
+    f.clock.advance(3 * DAY);
+    f.store.save_run(&done, 1, &none()).await.unwrap();
+    let run_expiry = attr_n(&f.raw_run("r1").await.unwrap(), "expires_at").unwrap();
+    let input = f.raw("RUN#r1", "INPUT").await.unwrap();
+    assert_eq!(attr_n(&input, "expires_at"), retained_from(T0 + 4 * DAY));
+    assert!(attr_n(&input, "expires_at").unwrap() >= run_expiry);
+}
+
+#[tokio::test]
+async fn a_run_waiting_a_day_with_nothing_due_is_written_again_by_the_timer() {
+    let f = fixture().await;
+    let r = run("r1", T0);
+    f.store.create_run(&r, &none()).await.unwrap();
+    // Waiting for a human with no expiry (a call whose outcome is unknown): no wake of its own.
+    let mut it = Iteration::new(None);
+    it.status = StepStatus::Waiting;
+    let mut waiting = r.clone();
+    waiting.status = RunStatus::Waiting;
+    waiting.updated_at = T0 + 1_000;
+    waiting.steps = vec![StepState {
+        id: "call".into(),
+        status: StepStatus::Waiting,
+        iterations: vec![it],
+        looped: false,
+        output: None,
+        error: None,
+        switch_value: None,
+        started_at: Some(T0),
+        finished_at: None,
+    }];
+    assert!(waiting.wakes().is_empty());
+    f.store.save_run(&waiting, 1, &none()).await.unwrap();
+    // Before its day is out the timer leaves it alone.
+    assert_eq!(f.store.fire_due_wakes(T0 + DAY - 60_000).await.unwrap(), 0);
+    assert_eq!(f.store.load_run("r1").await.unwrap().unwrap().1, 2);
+    // A day on, it is written again: its input is kept a day longer, and its wake moves on.
+    let now = T0 + DAY + 10_000;
+    f.clock.set(now);
+    assert_eq!(f.store.fire_due_wakes(now).await.unwrap(), 0);
+    assert!(f.drain().await.is_empty(), "nothing is sent");
+    let (again, version) = f.store.load_run("r1").await.unwrap().unwrap();
+    assert_eq!(version, 3);
+    assert_eq!(again.status, RunStatus::Waiting);
+    assert_eq!(again.steps, waiting.steps);
+    let input = f.raw("RUN#r1", "INPUT").await.unwrap();
+    assert_eq!(attr_n(&input, "expires_at"), retained_from(now + DAY));
+    // Not again within that day.
+    assert_eq!(f.store.fire_due_wakes(now + DAY - 60_000).await.unwrap(), 0);
+    assert_eq!(f.store.load_run("r1").await.unwrap().unwrap().1, 3);
 }
 
 #[tokio::test]

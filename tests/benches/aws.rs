@@ -375,6 +375,8 @@ fn read_items(call: &Call) -> Option<Read> {
 struct WriteCost {
     base: f64,
     gsi: f64,
+    /// The size the write is billed at: the larger of the item before and after it.
+    bytes: usize,
 }
 
 fn write_costs(
@@ -467,7 +469,11 @@ fn write_costs(
             let factor = if w.transactional { 2.0 } else { 1.0 };
             let base = factor * wru(size);
             if w.kind == "ConditionCheck" {
-                return WriteCost { base, gsi: 0.0 };
+                return WriteCost {
+                    base,
+                    gsi: 0.0,
+                    bytes: size,
+                };
             }
             // Each index bills its own copy, at the size of what it projects (the keys plus its
             // INCLUDE attributes, riposte_aws::table, none for gsi2; never the run body), and only
@@ -526,7 +532,11 @@ fn write_costs(
                         _ => 0.0,
                     };
             }
-            WriteCost { base, gsi }
+            WriteCost {
+                base,
+                gsi,
+                bytes: size,
+            }
         })
         .collect()
 }
@@ -941,12 +951,13 @@ async fn api_calls_and_cost() -> Moto {
                 .filter(|(w, _)| w.call == i)
                 .map(|(w, cost)| {
                     format!(
-                        "{} {}{} {}+{} WRU",
+                        "{} {}{} {}+{} WRU ({} B)",
                         w.kind,
                         w.key,
                         if w.conditional { " (conditional)" } else { "" },
                         cost.base,
-                        cost.gsi
+                        cost.gsi,
+                        cost.bytes
                     )
                 })
                 .collect();

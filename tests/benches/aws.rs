@@ -56,6 +56,11 @@ const PUBLIC_URL: &str = "https://riposte.example.com";
 // us-east-1 list prices (DynamoDB on-demand as cut in half in November 2024).
 const DDB_PER_MILLION_WRU: f64 = 0.625;
 const DDB_PER_MILLION_RRU: f64 = 0.125;
+/// Provisioned capacity: per WCU-hour and RCU-hour, and the share of it a table on auto scaling
+/// uses (its default target).
+const DDB_PER_WCU_HOUR: f64 = 0.000_65;
+const DDB_PER_RCU_HOUR: f64 = 0.000_13;
+const DDB_PROVISIONED_USE: f64 = 0.70;
 const SQS_PER_MILLION_REQUESTS: f64 = 0.40;
 const LAMBDA_PER_MILLION_REQUESTS: f64 = 0.20;
 const LAMBDA_ARM64_PER_GB_SECOND: f64 = 0.000_013_333_4;
@@ -1152,6 +1157,11 @@ async fn api_calls_and_cost() -> Moto {
         gb_s(ASSUMED_INVOCATION_MS * lambda_invocations) * LAMBDA_ARM64_PER_GB_SECOND * 1e6;
     let total_measured = ddb_w + ddb_r + sqs_cost + lambda_req + lambda_gb_measured;
     let total_assumed = ddb_w + ddb_r + sqs_cost + lambda_req + lambda_gb_assumed;
+    // A million units a second's worth of capacity-hours, at the share auto scaling keeps used.
+    let per_million = |per_hour: f64| 1e6 / 3600.0 / DDB_PROVISIONED_USE * per_hour;
+    let ddb_provisioned = (w_all.units + gsi_all) * per_million(DDB_PER_WCU_HOUR)
+        + r_all.units * per_million(DDB_PER_RCU_HOUR);
+    let total_provisioned = total_measured - ddb_w - ddb_r + ddb_provisioned;
     let transitions = steps_run.len() as f64;
     let sfn = transitions * SFN_STANDARD_PER_MILLION_TRANSITIONS;
     println!();
@@ -1231,6 +1241,15 @@ async fn api_calls_and_cost() -> Moto {
         total_assumed
     );
     println!(
+        "| {:<60} | {:>12} | {:>9.2} |",
+        format!(
+            "total, measured durations, table on provisioned capacity ({:.0}% used)",
+            DDB_PROVISIONED_USE * 100.0
+        ),
+        "",
+        total_provisioned
+    );
+    println!(
         "| {:<60} | {:>12.0} | {:>9.2} |",
         "Step Functions Standard: state transitions alone", transitions, sfn
     );
@@ -1242,8 +1261,15 @@ async fn api_calls_and_cost() -> Moto {
          {transitions:.0} transitions per run: ${sfn:.0} per million runs before any Lambda it \
          would call (the issue estimates ~$151 for this playbook); Riposte's whole bill: \
          ${total_measured:.2} (measured durations) to ${total_assumed:.2} ({ASSUMED_INVOCATION_MS:.0} \
-         ms assumed).",
-        invocations.len()
+         ms assumed). On provisioned capacity (${DDB_PER_WCU_HOUR}/WCU-hour, \
+         ${DDB_PER_RCU_HOUR}/RCU-hour, kept {:.0}% used by auto scaling: ${:.2}/M WRU, ${:.2}/M \
+         RRU), which suits a steady volume rather than alert storms, DynamoDB would cost \
+         ${ddb_provisioned:.2} instead of ${:.2}.",
+        invocations.len(),
+        DDB_PROVISIONED_USE * 100.0,
+        per_million(DDB_PER_WCU_HOUR),
+        per_million(DDB_PER_RCU_HOUR),
+        ddb_w + ddb_r
     );
     a.moto
 }

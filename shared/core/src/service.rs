@@ -270,6 +270,9 @@ fn reapply(
 
 /// The most outcomes held for one write (see [`Service::perform_queue`]).
 const MAX_HELD: usize = 8;
+/// How long after the first outcome held more steps may still be started before writing: a
+/// run's record lags what was done by at most this and the last step's time.
+const MAX_HELD_MS: Millis = 2_000;
 
 fn outcome_of(result: Result<crate::http::HttpResponse, HttpError>) -> Outcome {
     match result {
@@ -908,7 +911,7 @@ impl Service {
     /// Repeat-safe outcomes are grouped: when a repeat-safe step makes only repeat-safe steps
     /// ready (and nothing else to write: no child run), its outcome is kept here and recorded by
     /// the write that records theirs, while every step so held can still be recorded before its
-    /// written claim's lease ends. A worker lost meanwhile loses only repeat-safe work, which is
+    /// written claim's lease ends, for at most [`MAX_HELD`] steps and [`MAX_HELD_MS`]. A worker lost meanwhile loses only repeat-safe work, which is
     /// done again when its message comes back; a step that must not be repeated blindly always
     /// has its claim written before it starts.
     #[allow(clippy::too_many_arguments)]
@@ -931,12 +934,17 @@ impl Service {
         let mut held: Vec<Held> = Vec::new();
         // The earliest lease among the written claims of the steps held: they are written before.
         let mut lease: Option<Millis> = None;
+        // When the first outcome held was known: none is held for long unseen.
+        let mut held_since: Option<Millis> = None;
         while let Some((msg, work, claim_written)) = queue.pop_front() {
             let safe = repeat_safe(engine, &msg, &work);
             if claim_written && let Some(l) = lease_of(&run, &msg) {
                 lease = Some(lease.map_or(l, |e| e.min(l)));
             }
             let outcome = self.perform(&work).await;
+            if held.is_empty() {
+                held_since = Some(self.now());
+            }
             held.push(Held {
                 msg: msg.clone(),
                 outcome,
@@ -996,6 +1004,7 @@ impl Service {
                 let hold = queue.is_empty()
                     && !next.is_empty()
                     && held.len() < MAX_HELD
+                    && held_since.is_none_or(|t| now.saturating_sub(t) <= MAX_HELD_MS)
                     && held.iter().all(|h| h.safe)
                     && next.iter().all(|(m, w)| repeat_safe(engine, m, w))
                     && fx.messages.is_empty()

@@ -39,7 +39,10 @@ use riposte_core::ports::Clock;
 use riposte_core::run::StepMessage;
 use riposte_system::SystemClock;
 
-pub use runs::{OUTBOX_GRACE_MS, STALE_OUTBOX_MS, WAKE_GRACE_MS, run_json_of_item, run_of_item};
+pub use runs::{
+    INPUT_HORIZON_MS, OUTBOX_GRACE_MS, STALE_OUTBOX_MS, WAKE_GRACE_MS, run_json_of_item,
+    run_of_item,
+};
 pub use secrets::SecretsManagerSecrets;
 pub use table::{create_table, table_definition};
 

@@ -78,7 +78,7 @@ fn code_uses(binary: &str) -> &'static [&'static str] {
             "dynamodb:GetItem",
             // Store::save_run of the decision (commit_run), put_timer.
             "dynamodb:PutItem",
-            // DynamoStore::clear_outbox; expire_input when the decision ends the run.
+            // DynamoStore::clear_outbox; expire_input when a run older than a day is written.
             "dynamodb:UpdateItem",
             // DynamoStore::read_run: one query of the run's partition (run and input items).
             "dynamodb:Query",
@@ -93,7 +93,7 @@ fn code_uses(binary: &str) -> &'static [&'static str] {
             // Store::save_run (a put, or a transaction of puts with the child runs it creates),
             // put_timer for retries past 15 minutes.
             "dynamodb:PutItem",
-            // DynamoStore::clear_outbox; expire_input when a write ends the run.
+            // DynamoStore::clear_outbox; expire_input when a run older than a day is written.
             "dynamodb:UpdateItem",
             // DynamoStore::read_run: one query of the run's partition (run and input items).
             "dynamodb:Query",
@@ -126,14 +126,16 @@ fn code_uses(binary: &str) -> &'static [&'static str] {
             // fire_shard (TIMERS#<n> on the table), flush_stale_outboxes (OUTBOX#<n>, gsi1),
             // fire_due_wakes (WAKE#<n>, gsi3) and the runs it reads (read_run, on the table).
             "dynamodb:Query",
-            // fire_shard claims a due timer with a conditional update; clear_outbox.
+            // fire_shard claims a due timer with a conditional update; clear_outbox;
+            // expire_input for a run fire_due_wakes writes again.
             "dynamodb:UpdateItem",
             // fire_shard deletes a fired timer.
             "dynamodb:DeleteItem",
             // flush_stale_outboxes reads the run itself (get_run_item): the index lags;
             // from_env's warm-up read.
             "dynamodb:GetItem",
-            // flush -> put_timer for an outbox message due more than 15 minutes out.
+            // flush -> put_timer for an outbox message due more than 15 minutes out;
+            // fire_due_wakes writes a run waiting a day with nothing due again (commit_run).
             "dynamodb:PutItem",
             // The fired timers' messages and the flushed outboxes.
             "sqs:SendMessage",

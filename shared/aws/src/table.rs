@@ -25,9 +25,9 @@
 //! JSON), `run_id`, `due_at` and, while being fired, `claim`/`claim_until`.
 //!
 //! Orders are shifted to non-negative (`order + 2^63`) so that the zero-padded decimal sorts like
-//! the number. `expires_at` (epoch seconds) is the table's TTL attribute: terminal runs (their
-//! input too, set just before the write that ends the run) and event
-//! records get one; playbooks, rules, audit entries and timers never do.
+//! the number. `expires_at` (epoch seconds) is the table's TTL attribute: terminal runs, inputs
+//! (from when they are written: see [`crate::INPUT_HORIZON_MS`]) and event records get one;
+//! playbooks, rules, audit entries and timers never do.
 
 use std::time::Duration;
 

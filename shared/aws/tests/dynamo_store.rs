@@ -772,19 +772,12 @@ async fn a_run_older_than_a_day_extends_its_inputs_expiry_when_written() {
     assert!(attr_n(&input, "expires_at").unwrap() >= run_expiry);
 }
 
-#[tokio::test]
-async fn a_run_waiting_a_day_with_nothing_due_is_written_again_by_the_timer() {
-    let f = fixture().await;
-    let r = run("r1", T0);
-    f.store.create_run(&r, &none()).await.unwrap();
-    // Waiting for a human with no expiry (a call whose outcome is unknown): no wake of its own.
-    let mut it = Iteration::new(None);
-    it.status = StepStatus::Waiting;
+/// `r` waiting on its one step `step`, whose one iteration is `it`.
+fn waiting_on(r: &riposte_core::run::Run, step: &str, it: Iteration) -> riposte_core::run::Run {
     let mut waiting = r.clone();
     waiting.status = RunStatus::Waiting;
-    waiting.updated_at = T0 + 1_000;
     waiting.steps = vec![StepState {
-        id: "call".into(),
+        id: step.into(),
         status: StepStatus::Waiting,
         iterations: vec![it],
         looped: false,
@@ -794,6 +787,19 @@ async fn a_run_waiting_a_day_with_nothing_due_is_written_again_by_the_timer() {
         started_at: Some(T0),
         finished_at: None,
     }];
+    waiting
+}
+
+#[tokio::test]
+async fn a_run_waiting_a_day_with_nothing_due_is_written_again_by_the_timer() {
+    let f = fixture().await;
+    let r = run("r1", T0);
+    f.store.create_run(&r, &none()).await.unwrap();
+    // Waiting for a human with no expiry (a call whose outcome is unknown): no wake of its own.
+    let mut it = Iteration::new(None);
+    it.status = StepStatus::Waiting;
+    let mut waiting = waiting_on(&r, "call", it);
+    waiting.updated_at = T0 + 1_000;
     assert!(waiting.wakes().is_empty());
     f.store.save_run(&waiting, 1, &none()).await.unwrap();
     // Before its day is out the timer leaves it alone.
@@ -971,19 +977,7 @@ async fn a_waiting_runs_far_wake_is_kept_with_the_run_and_sent_by_the_timer_when
         decision: None,
         sent: vec![],
     });
-    let mut waiting = r.clone();
-    waiting.status = RunStatus::Waiting;
-    waiting.steps = vec![StepState {
-        id: "approve".into(),
-        status: StepStatus::Waiting,
-        iterations: vec![it],
-        looped: false,
-        output: None,
-        error: None,
-        switch_value: None,
-        started_at: Some(T0),
-        finished_at: None,
-    }];
+    let waiting = waiting_on(&r, "approve", it);
     let mut expiry = msg("r1", "approve");
     expiry.kind = MessageKind::ApprovalExpired;
     assert_eq!(waiting.wakes(), [(expiry.clone(), due)]);

@@ -736,3 +736,26 @@ async fn a_worker_lost_before_recording_grouped_steps_has_them_done_again() {
         "revoke_sessions was done again, as repeat-safe work may be"
     );
 }
+
+/// Outcomes are held only briefly: with a user directory taking over two seconds a call,
+/// `disable_user` and `revoke_sessions` are recorded as soon as the second one ends, not held on
+/// through `resolve_ticket`, so the run's record never lags far behind what was done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outcomes_are_not_held_past_two_seconds() {
+    let mut v = vendors().await;
+    v.entra = riposte_tests::Vendor::start_slow(
+        "entra",
+        std::time::Duration::from_millis(2_200),
+        riposte_tests::vendors::entra,
+    )
+    .await;
+    let writes = Arc::new(Writes::default());
+    let hook = writes.clone();
+    let a = aws_over(&v, move |s| Arc::new(Wrapped::new(s, CountWrites(hook)))).await;
+    let (id, landed) = decide_block_in_one_batch(&v, &writes, &a).await;
+    a.succeeded(&id).await;
+    assert_eq!(
+        landed, 3,
+        "block_ip; disable_user with revoke_sessions; then resolve_ticket on its own"
+    );
+}

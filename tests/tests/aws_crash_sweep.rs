@@ -1,8 +1,8 @@
 //! Crash sweeps of the AWS handlers on the Block/Ignore playbook, against the AWS API emulator
 //! (moto) on 127.0.0.1: the functions' service runs over a `Store` that, at its N-th operation,
-//! fails before applying it, or applies it and then loses the reply (for a run write: either the
-//! commit without sending its outbox, as a function that died between DynamoDB and SQS, or the
-//! whole write). N runs over every store operation of a fault-free run, so the fault lands in the
+//! fails before applying it, or applies it and then loses the reply (for a run write: either
+//! half of it, as a function that died between SQS and DynamoDB: its messages sent ahead of it
+//! and the write not made, or the whole write). N runs over every store operation of a fault-free run, so the fault lands in the
 //! EventBridge trigger (the alert function errs: EventBridge delivers the same event again), in
 //! the step worker (its message is not acknowledged: SQS delivers it again after the visibility
 //! timeout) and in the approval-response function (the human clicks the link again). Time passes
@@ -100,21 +100,20 @@ impl Clock for FrozenClock {
 enum Mode {
     /// Fails before the operation is applied.
     Before,
-    /// A run write commits, then the function dies before sending its outbox to SQS.
-    Unflushed,
+    /// A run write stops midway, as a function that died between SQS and DynamoDB: its
+    /// messages sent ahead of it and the write not made (or, for a write whose messages go in an
+    /// outbox, committed and the outbox not sent).
+    Midway,
     /// The operation is applied in full, then the reply is lost.
     LostReply,
-    /// As `Unflushed`, and nothing calls again (the admin saw an error page and left): only the
-    /// timer function's sweep of stale outboxes sends the messages. Swept at the decision's write.
-    Abandoned,
 }
 
 /// The modes that are distinct for an operation: a read fails one way; a write can also be
-/// applied with its reply lost; a run write can also stop between its commit and its outbox.
+/// applied with its reply lost; a run write can also stop midway.
 fn modes_of(label: &str) -> &'static [Mode] {
     let op = label.split(' ').next().unwrap_or_default();
     match op {
-        "create_run" | "save_run" => &[Mode::Before, Mode::Unflushed, Mode::LostReply],
+        "create_run" | "save_run" => &[Mode::Before, Mode::Midway, Mode::LostReply],
         "put_playbook" | "delete_playbook" | "put_rule" | "delete_rule" | "put_event"
         | "append_audit" | "put_setting" | "take_token" => &[Mode::Before, Mode::LostReply],
         _ => &[Mode::Before],
@@ -194,11 +193,23 @@ impl Hook for Fault {
             // A read fails one way: before it is made.
             _ if op.kind() == Kind::Read => {}
             (Mode::Before, _) => {}
-            (Mode::Unflushed | Mode::Abandoned, Op::CreateRun { run, fx }) => {
-                let _ = self.dynamo.create_run_without_flush(run, fx).await;
+            (Mode::Midway, Op::CreateRun { run, fx }) => {
+                if !matches!(
+                    self.dynamo.send_ahead_without_writing(run, None, fx).await,
+                    Ok(true)
+                ) {
+                    let _ = self.dynamo.create_run_without_flush(run, fx).await;
+                }
             }
-            (Mode::Unflushed | Mode::Abandoned, Op::SaveRun { run, version, fx }) => {
-                let _ = self.dynamo.save_run_without_flush(run, version, fx).await;
+            (Mode::Midway, Op::SaveRun { run, version, fx }) => {
+                if !matches!(
+                    self.dynamo
+                        .send_ahead_without_writing(run, Some(version), fx)
+                        .await,
+                    Ok(true)
+                ) {
+                    let _ = self.dynamo.save_run_without_flush(run, version, fx).await;
+                }
             }
             // Applied in full, the reply lost.
             _ => {
@@ -665,16 +676,6 @@ impl Deployment {
                         .push("the click again was told it is already answered".into());
                     return;
                 }
-                503 if self
-                    .store
-                    .hook
-                    .fault
-                    .is_some_and(|(_, m)| m == Mode::Abandoned) =>
-                {
-                    self.notes
-                        .push("approval function failed; the admin leaves".into());
-                    return;
-                }
                 503 => {
                     self.notes
                         .push("approval function failed; the admin clicks again".into());
@@ -1008,13 +1009,6 @@ async fn sweep(
         for &mode in modes_of(&r.ops[at]) {
             cases.push((at, mode));
         }
-    }
-    // The decision's write, with nobody clicking again.
-    if let Some(at) = ops
-        .clone()
-        .find(|&at| at >= r.click_at && r.ops[at].starts_with("save_run"))
-    {
-        cases.push((at, Mode::Abandoned));
     }
     let total = cases.len();
     let sem = Arc::new(tokio::sync::Semaphore::new(PARALLEL));

@@ -759,3 +759,99 @@ async fn outcomes_are_not_held_past_two_seconds() {
         "block_ip; disable_user with revoke_sessions; then resolve_ticket on its own"
     );
 }
+
+/// The SQS event Lambda would hand the step worker for one message with this body, on its
+/// `receives`-th receive.
+fn delivery(body: &str, receives: u32) -> SqsEvent {
+    serde_json::from_value(json!({"Records": [{
+        "messageId": "m-1",
+        "receiptHandle": "rh-1",
+        "body": body,
+        "attributes": {"ApproximateReceiveCount": receives.to_string()},
+        "eventSource": "aws:sqs",
+    }]}))
+    .unwrap()
+}
+
+/// The run's first step message, as the alert function sent it: ahead of the run's creation.
+async fn first_message(a: &Aws) -> String {
+    let (messages, _) = receive_batch(&a.sqs, &a.queue).await;
+    assert_eq!(messages.len(), 1);
+    let body = messages[0].body.clone().unwrap();
+    assert_eq!(riposte_aws::sent_ahead_of(&body), Some(1), "{body}");
+    acknowledge(
+        &a.sqs,
+        &a.queue,
+        &messages,
+        &aws_lambda_events::event::sqs::SqsBatchResponse::default(),
+    )
+    .await;
+    body
+}
+
+/// Every write's messages are sent before the write. One that reaches the worker before its
+/// write has landed is not taken as stale: the worker waits for the write, then does the step.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_that_arrives_before_its_write_waits_for_it() {
+    let v = vendors().await;
+    let a = aws(&v).await;
+    let id = started(&a).await;
+    a.asking(&id).await;
+    let (_, version) = a.store.load_run(&id).await.unwrap().unwrap();
+    // What the decision's write sends ahead of itself, delivered before the decision is written
+    // (the admin clicks 300 ms later). At the version the worker first reads, block_ip is not
+    // ready: taken as stale, it would be dropped and the firewall never called here.
+    let block_ip = json!({
+        "run_id": id, "step": "block_ip", "iteration": 0, "attempt": 1, "kind": "execute",
+        "after": version + 1,
+    })
+    .to_string();
+    let click = link(&v, "Block");
+    let (response, (status, _)) = tokio::join!(
+        riposte_lambda::on_messages(&a.service, delivery(&block_ip, 1), 5, None),
+        async {
+            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+            a.post_link(&click).await
+        }
+    );
+    assert_eq!(status, 200);
+    assert!(
+        response.batch_item_failures.is_empty(),
+        "handled, not handed back"
+    );
+    assert_eq!(
+        v.panos.requests().len(),
+        1,
+        "the IP was blocked by that message"
+    );
+    assert_eq!(
+        a.run(&id).await.step("block_ip").unwrap().status,
+        StepStatus::Succeeded
+    );
+}
+
+/// A message sent ahead of a write that never lands (its writer died in between) is handed back
+/// to the queue while it may still land, then dropped: its run is not failed for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_whose_write_never_lands_is_dropped_without_failing_its_run() {
+    let v = vendors().await;
+    let a = aws(&v).await;
+    let id = started(&a).await;
+    let orphan = first_message(&a)
+        .await
+        .replace("\"after\":1", "\"after\":7");
+    let response = riposte_lambda::on_messages(&a.service, delivery(&orphan, 1), 5, None).await;
+    assert_eq!(response.batch_item_failures.len(), 1, "handed back");
+    let response = riposte_lambda::on_messages(&a.service, delivery(&orphan, 5), 5, None).await;
+    assert!(
+        response.batch_item_failures.is_empty(),
+        "dropped on its last receive"
+    );
+    let (run, version) = a.store.load_run(&id).await.unwrap().unwrap();
+    assert_eq!(
+        (run.status, version),
+        (RunStatus::Queued, 1),
+        "the run is untouched"
+    );
+    assert!(v.servicenow.requests().is_empty());
+}

@@ -707,6 +707,7 @@ impl Runtime {
                     }
                     self.sqlite.delay(d.seq, delay_ms).expect("delay");
                 }
+                Ok(Handled::Ahead) => panic!("a local message is never sent ahead of its write"),
                 Err(e) => panic!("a live process failed to handle {m:?}: {e}"),
             }
         }

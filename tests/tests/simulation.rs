@@ -1070,6 +1070,7 @@ impl World {
                 }
             }
             Ok(Handled::Retry { delay_ms, .. }) => self.store.delay(seq, delay_ms).expect("delay"),
+            Ok(Handled::Ahead) => panic!("a local message is never sent ahead of its write"),
             Err(e) => {
                 if self.clean_mark.is_some() && self.clean_mark == Some(self.plan.lock().injected) {
                     self.problems

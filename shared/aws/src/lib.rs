@@ -144,6 +144,26 @@ pub fn parse_message(body: &str) -> Result<StepMessage, String> {
     serde_json::from_str(body).map_err(|e| format!("not a step message: {e}"))
 }
 
+/// The run version a message body was sent ahead of (its `after`), if it was: the store sends a
+/// write's messages before the write, and the worker treats one that finds the run at an older
+/// version as ahead, not stale ([`riposte_core::service::Service::handle_sent_ahead`]).
+pub fn sent_ahead_of(body: &str) -> Option<u64> {
+    #[derive(serde::Deserialize)]
+    struct Envelope {
+        after: Option<u64>,
+    }
+    serde_json::from_str::<Envelope>(body).ok()?.after
+}
+
+/// The body of a message sent ahead of the write that brings its run to version `after`.
+pub(crate) fn body_sent_ahead(msg: &StepMessage, after: u64) -> Result<String, StoreError> {
+    let mut value = serde_json::to_value(msg).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    if let Some(fields) = value.as_object_mut() {
+        fields.insert("after".into(), after.into());
+    }
+    Ok(value.to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -163,6 +183,11 @@ mod tests {
             m
         );
         assert!(parse_message("{\"run_id\": 1}").is_err());
+        // Sent ahead of a write, the body names the version; the message is the same.
+        let ahead = body_sent_ahead(&m, 4).unwrap();
+        assert_eq!(parse_message(&ahead).unwrap(), m);
+        assert_eq!(sent_ahead_of(&ahead), Some(4));
+        assert_eq!(sent_ahead_of(&serde_json::to_string(&m).unwrap()), None);
     }
 
     #[test]

@@ -1,9 +1,11 @@
 //! Runs, their outbox, and timers.
 //!
 //! Guarantee: the conditional write in [`DynamoStore::commit_run`] is the only place a run item
-//! changes state, and it refuses to write while an earlier outbox is pending. An outbox is removed
-//! only by [`DynamoStore::flush`], after every one of its messages was accepted by SQS or written
-//! as a timer item, and only if it is still the same outbox (its id). A timer item is deleted only
+//! changes state, and it refuses to write while an earlier outbox is pending. A write's messages
+//! are sent before it when they can be, each naming the version the write brings its run to
+//! (`DynamoStore::send_ahead`); the others go in its outbox. An outbox is removed only by
+//! [`DynamoStore::flush`], after every one of its messages was accepted by SQS or written as a
+//! timer item, and only if it is still the same outbox (its id). A timer item is deleted only
 //! after SQS accepted its message.
 
 use std::collections::{HashMap, HashSet};
@@ -22,7 +24,6 @@ use riposte_core::model::Millis;
 use riposte_core::run::{Run, RunStatus, StepMessage};
 use riposte_core::store::{RunSummary, StoreError};
 
-use crate::DynamoStore;
 use crate::item::{Item, ItemExt, from_json, key, n, names, s, to_json, unavailable, values};
 use crate::outbox::{Outbox, queue_delay, unique_token};
 use crate::pack::{deflate, inflate};
@@ -33,6 +34,7 @@ use crate::table::{
     GSI1, GSI2, GSI2_RUNS, GSI3, SHARDS, SK_INPUT, SK_RUN, TTL_ATTRIBUTE, outbox_gsi1pk,
     outbox_gsi1sk, pad, run_gsi2sk, run_pk, shard_of, timer_pk, timer_sk, wake_gsi3pk, wake_gsi3sk,
 };
+use crate::{DynamoStore, body_sent_ahead};
 
 /// SendMessageBatch takes at most 10 entries.
 const SQS_BATCH: usize = 10;
@@ -141,6 +143,56 @@ impl DynamoStore {
         item
     }
 
+    /// Sends a write's messages ahead of it when they all can be (`true`): each due within SQS's
+    /// delay, and for this run or a child the write creates. Each names the version the write
+    /// brings its run to (1 for a child). No outbox, so nothing to clear: a writer that dies in
+    /// between, or is refused, leaves messages that are ahead of a write that never landed
+    /// (dropped when the queue gives up on them) or that find the run as another writer left it
+    /// (stale or current, like any duplicate). The write that makes them current is redone by
+    /// whoever redoes the work: the step message delivered again, the event Lambda retries, the
+    /// human answering again, the approval's expiry. Otherwise (`false`) nothing is sent and the
+    /// messages go in the write's outbox.
+    async fn send_ahead(
+        &self,
+        run: &Run,
+        version: u64,
+        messages: &[(StepMessage, u64)],
+        fx: &Effects,
+        now: Millis,
+    ) -> Result<bool, StoreError> {
+        let mut bodies = Vec::with_capacity(messages.len());
+        for (m, delay) in messages {
+            let due = now.saturating_add(Millis::try_from(*delay).unwrap_or(Millis::MAX));
+            let after = if m.run_id == run.id {
+                version
+            } else if fx.new_runs.iter().any(|c| c.id == m.run_id) {
+                1
+            } else {
+                return Ok(false);
+            };
+            let Some(delay) = queue_delay(due, now) else {
+                return Ok(false);
+            };
+            bodies.push((body_sent_ahead(m, after)?, delay));
+        }
+        self.send_bodies(&bodies).await?;
+        Ok(true)
+    }
+
+    /// What a run write sends ahead of itself, sent, and the write not made: a writer
+    /// that dies in between (for crash tests). `false`: the messages would go in an outbox.
+    pub async fn send_ahead_without_writing(
+        &self,
+        run: &Run,
+        expected: Option<u64>,
+        fx: &Effects,
+    ) -> Result<bool, StoreError> {
+        let now = self.clock.now();
+        let messages = to_send(run, fx, now);
+        self.send_ahead(run, expected.map_or(1, |v| v + 1), &messages, fx, now)
+            .await
+    }
+
     /// Step 1 of the protocol: one conditional write of the run (version + 1, or 1 when
     /// `expected` is `None`), its outbox and its child runs.
     pub(crate) async fn commit_run(
@@ -155,18 +207,9 @@ impl DynamoStore {
         // refusal is recognised as this very write having landed (an SDK retry after a timeout).
         let token = unique_token();
         let write_id = format!("{version}.{token}");
-        // The messages the run waits for past SQS's longest delay stay with the run (its wake
-        // index): no timer item, no outbox; gone with the next write if no longer waited for.
-        let wakes = run.wakes();
-        let messages: Vec<(StepMessage, u64)> = fx
-            .messages
-            .iter()
-            .filter(|(m, delay)| {
-                let due = now.saturating_add(Millis::try_from(*delay).unwrap_or(Millis::MAX));
-                !(queue_delay(due, now).is_none() && wakes.iter().any(|(w, _)| w == m))
-            })
-            .cloned()
-            .collect();
+        let messages = to_send(run, fx, now);
+        let ahead = self.send_ahead(run, version, &messages, fx, now).await?;
+        let messages = if ahead { vec![] } else { messages };
         let outbox = Outbox::new(write_id.clone(), now, &messages);
         let outbox_json = outbox.as_ref().map(Outbox::to_json).transpose()?;
         let outbox_len = outbox_json.as_ref().map_or(0, String::len);
@@ -585,6 +628,15 @@ impl DynamoStore {
     /// Sends messages with their delays (seconds), ten per call and up to
     /// [`SQS_CONCURRENCY`] calls at a time; every one is accepted or this fails.
     pub(crate) async fn send(&self, messages: &[(StepMessage, i32)]) -> Result<(), StoreError> {
+        let bodies = messages
+            .iter()
+            .map(|(m, delay)| Ok((to_json(m)?, *delay)))
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        self.send_bodies(&bodies).await
+    }
+
+    /// [`Self::send`], of message bodies.
+    async fn send_bodies(&self, messages: &[(String, i32)]) -> Result<(), StoreError> {
         let mut chunks = messages.chunks(SQS_BATCH);
         let mut in_flight = tokio::task::JoinSet::new();
         loop {
@@ -594,10 +646,10 @@ impl DynamoStore {
                 let entries = chunk
                     .iter()
                     .enumerate()
-                    .map(|(i, (msg, delay))| {
+                    .map(|(i, (body, delay))| {
                         SendMessageBatchRequestEntry::builder()
                             .id(i.to_string())
-                            .message_body(to_json(msg)?)
+                            .message_body(body)
                             .delay_seconds(*delay)
                             .build()
                             .map_err(|e| StoreError::Corrupt(e.to_string()))
@@ -962,6 +1014,21 @@ fn unless_refused<T>(
         }
         Err(e) => Err(unavailable(&what(), e)),
     }
+}
+
+/// The messages a write sends: its effects' messages, less those the run waits for past SQS's
+/// longest delay (they stay with the run, in its wake index: no timer item, no outbox; gone with
+/// the next write if no longer waited for).
+fn to_send(run: &Run, fx: &Effects, now: Millis) -> Vec<(StepMessage, u64)> {
+    let wakes = run.wakes();
+    fx.messages
+        .iter()
+        .filter(|(m, delay)| {
+            let due = now.saturating_add(Millis::try_from(*delay).unwrap_or(Millis::MAX));
+            !(queue_delay(due, now).is_none() && wakes.iter().any(|(w, _)| w == m))
+        })
+        .cloned()
+        .collect()
 }
 
 /// From when a run's input expiry is counted ([`INPUT_HORIZON_MS`]): its creation, or its last

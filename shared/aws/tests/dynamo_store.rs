@@ -349,19 +349,22 @@ async fn event_records_round_trip_and_expire_after_retention() {
 }
 
 #[tokio::test]
-async fn creating_a_run_twice_creates_and_sends_once() {
+async fn creating_a_run_twice_creates_it_once() {
     let f = fixture().await;
     let r = run("r1", T0);
     let first = sends(&[(msg("r1", "lookup"), 0)]);
     assert!(f.store.create_run(&r, &first).await.unwrap());
-    assert_eq!(f.drain().await, [msg("r1", "lookup")]);
+    // Sent ahead of the write that creates the run (version 1), with no outbox left to clear.
+    assert_eq!(f.drain_sent().await, [(msg("r1", "lookup"), Some(1))]);
+    assert!(!f.raw_run("r1").await.unwrap().contains_key("outbox"));
 
     let mut again = r.clone();
     again.input = json!({"ip": "198.51.100.1"});
     let second = sends(&[(msg("r1", "other"), 0)]);
     assert!(!f.store.create_run(&again, &second).await.unwrap());
-    assert_eq!(f.queued().await, 0);
-    assert!(f.drain().await.is_empty());
+    // The refused create's message went out ahead of it: the worker finds the run as the first
+    // create left it, where it is stale (as any duplicate would be).
+    assert_eq!(f.drain_sent().await, [(msg("r1", "other"), Some(1))]);
     let (loaded, version) = f.store.load_run("r1").await.unwrap().unwrap();
     assert_eq!((loaded, version), (r, 1));
     assert!(f.store.load_run("r2").await.unwrap().is_none());
@@ -389,7 +392,9 @@ async fn a_stale_save_conflicts_and_changes_nothing() {
         .unwrap_err();
     assert!(matches!(err, StoreError::Conflict(_)), "{err:?}");
     assert_eq!(f.store.load_run("r1").await.unwrap().unwrap(), (v2, 2));
-    assert_eq!(f.queued().await, 0);
+    // Its message went out ahead of it, naming version 2: the worker finds version 2 as the other
+    // writer made it, and handles the message against that, as any duplicate.
+    assert_eq!(f.drain_sent().await, [(msg("r1", "b"), Some(2))]);
     // A run that does not exist is a conflict too (nothing to update).
     assert!(matches!(
         f.store.save_run(&run("ghost", T0), 1, &none()).await,
@@ -464,6 +469,13 @@ async fn a_wide_fan_out_in_one_write_all_arrives() {
     assert!(!f.raw_run("fan").await.unwrap().contains_key("outbox"));
 }
 
+/// A message for another run than the one written (a child's news for its parent): it cannot be
+/// sent ahead of the write (its run's version is not this write's), so it goes through the run's
+/// outbox, which these tests are about.
+fn news(from: &str, step: &str) -> riposte_core::run::StepMessage {
+    msg(&format!("parent-of-{from}"), step)
+}
+
 #[tokio::test]
 async fn a_writer_that_died_after_committing_is_finished_by_the_next_reader() {
     let f = fixture().await;
@@ -471,7 +483,7 @@ async fn a_writer_that_died_after_committing_is_finished_by_the_next_reader() {
     f.store.create_run(&r, &none()).await.unwrap();
     let mut v2 = r.clone();
     v2.status = RunStatus::Running;
-    let fx = sends(&[(msg("r1", "a"), 0), (msg("r1", "b"), 0)]);
+    let fx = sends(&[(news("r1", "a"), 0), (news("r1", "b"), 0)]);
     assert!(f.store.save_run_without_flush(&v2, 1, &fx).await.unwrap());
     // Committed, not sent: the outbox holds the messages.
     let raw = f.raw_run("r1").await.unwrap();
@@ -494,7 +506,7 @@ async fn a_writer_that_died_after_committing_is_finished_by_the_next_reader() {
     );
     let mut got = f.drain().await;
     got.sort_by(|a, b| a.step.cmp(&b.step));
-    assert_eq!(got, [msg("r1", "a"), msg("r1", "b")]);
+    assert_eq!(got, [news("r1", "a"), news("r1", "b")]);
     let raw = f.raw_run("r1").await.unwrap();
     assert!(!raw.contains_key("outbox"));
     assert!(!raw.contains_key("outbox_id"));
@@ -509,7 +521,7 @@ async fn a_writer_meeting_a_pending_outbox_flushes_it_and_conflicts() {
     f.store.create_run(&r, &none()).await.unwrap();
     assert!(
         f.store
-            .save_run_without_flush(&r, 1, &sends(&[(msg("r1", "left"), 0)]))
+            .save_run_without_flush(&r, 1, &sends(&[(news("r1", "left"), 0)]))
             .await
             .unwrap()
     );
@@ -520,22 +532,22 @@ async fn a_writer_meeting_a_pending_outbox_flushes_it_and_conflicts() {
     let started = Instant::now();
     let err = f
         .store
-        .save_run(&next, 2, &sends(&[(msg("r1", "mine"), 0)]))
+        .save_run(&next, 2, &sends(&[(news("r1", "mine"), 0)]))
         .await
         .unwrap_err();
     assert!(matches!(err, StoreError::Conflict(_)), "{err:?}");
     assert!(started.elapsed() < Duration::from_secs(5));
-    assert_eq!(f.drain().await, [msg("r1", "left")]);
+    assert_eq!(f.drain().await, [news("r1", "left")]);
     let raw = f.raw_run("r1").await.unwrap();
     assert!(!raw.contains_key("outbox"));
     assert_eq!(attr_n(&raw, "version"), Some(2));
     // The caller reloads and applies again: now it goes through.
     let (_, v) = f.store.load_run("r1").await.unwrap().unwrap();
     f.store
-        .save_run(&next, v, &sends(&[(msg("r1", "mine"), 0)]))
+        .save_run(&next, v, &sends(&[(news("r1", "mine"), 0)]))
         .await
         .unwrap();
-    assert_eq!(f.drain().await, [msg("r1", "mine")]);
+    assert_eq!(f.drain().await, [news("r1", "mine")]);
     assert_eq!(
         f.store.load_run("r1").await.unwrap().unwrap(),
         (next.clone(), 3)
@@ -544,7 +556,7 @@ async fn a_writer_meeting_a_pending_outbox_flushes_it_and_conflicts() {
     // An old pending outbox (its writer died a while ago) is sent at once by the refused writer.
     assert!(
         f.store
-            .save_run_without_flush(&next, 3, &sends(&[(msg("r1", "orphan"), 0)]))
+            .save_run_without_flush(&next, 3, &sends(&[(news("r1", "orphan"), 0)]))
             .await
             .unwrap()
     );
@@ -553,7 +565,7 @@ async fn a_writer_meeting_a_pending_outbox_flushes_it_and_conflicts() {
         f.store.save_run(&next, 4, &none()).await,
         Err(StoreError::Conflict(_))
     ));
-    assert_eq!(f.drain().await, [msg("r1", "orphan")]);
+    assert_eq!(f.drain().await, [news("r1", "orphan")]);
     f.store.save_run(&next, 4, &none()).await.unwrap();
     assert_eq!(f.queued().await, 0);
 }
@@ -565,7 +577,7 @@ async fn a_creator_that_died_is_finished_by_the_redelivered_create_or_the_sweep(
     let r = run("r1", T0);
     assert!(
         f.store
-            .create_run_without_flush(&r, &sends(&[(msg("r1", "start"), 0)]))
+            .create_run_without_flush(&r, &sends(&[(news("r1", "start"), 0)]))
             .await
             .unwrap()
     );
@@ -573,17 +585,17 @@ async fn a_creator_that_died_is_finished_by_the_redelivered_create_or_the_sweep(
     f.clock.advance(10_000);
     assert!(
         !f.store
-            .create_run(&r, &sends(&[(msg("r1", "dup"), 0)]))
+            .create_run(&r, &sends(&[(news("r1", "dup"), 0)]))
             .await
             .unwrap()
     );
-    assert_eq!(f.drain().await, [msg("r1", "start")]);
+    assert_eq!(f.drain().await, [news("r1", "start")]);
 
     // No redelivery and no reader: the timer function's sweep sends it after a minute.
     let lonely = run("r2", T0);
     assert!(
         f.store
-            .create_run_without_flush(&lonely, &sends(&[(msg("r2", "start"), 0)]))
+            .create_run_without_flush(&lonely, &sends(&[(news("r2", "start"), 0)]))
             .await
             .unwrap()
     );
@@ -603,7 +615,7 @@ async fn a_creator_that_died_is_finished_by_the_redelivered_create_or_the_sweep(
             .unwrap(),
         1
     );
-    assert_eq!(f.drain().await, [msg("r2", "start")]);
+    assert_eq!(f.drain().await, [news("r2", "start")]);
     assert!(!f.raw_run("r2").await.unwrap().contains_key("outbox"));
     assert_eq!(
         f.store
@@ -632,7 +644,11 @@ async fn child_runs_are_created_with_the_parent_or_not_at_all() {
         (child.clone(), 1)
     );
     assert_eq!(f.store.load_run("p1").await.unwrap().unwrap().1, 2);
-    assert_eq!(f.drain().await, [msg("p1.sub.0.1", "first")]);
+    // The child's first message went out ahead of the write that created the child (version 1).
+    assert_eq!(
+        f.drain_sent().await,
+        [(msg("p1.sub.0.1", "first"), Some(1))]
+    );
 
     // Another write creating the same child fails as a whole.
     let other = run("p2", T0);
@@ -662,7 +678,8 @@ async fn child_runs_are_created_with_the_parent_or_not_at_all() {
         f.store.load_run("p1.sub.0.1").await.unwrap().unwrap(),
         (child, 1)
     );
-    assert_eq!(f.queued().await, 0);
+    // Its message went out ahead of a write that never landed: the run is still at version 1.
+    assert_eq!(f.drain_sent().await, [(msg("p2", "x"), Some(2))]);
 
     // And a stale parent creates no child.
     let fresh_child = run("p1.sub.0.2", T0);
@@ -680,7 +697,12 @@ async fn child_runs_are_created_with_the_parent_or_not_at_all() {
         .unwrap_err();
     assert!(matches!(err, StoreError::Conflict(_)), "{err:?}");
     assert!(f.store.load_run("p1.sub.0.2").await.unwrap().is_none());
-    assert_eq!(f.queued().await, 0);
+    // Ahead of a child that was never created: the worker keeps finding no run, and drops it
+    // when the queue gives up on it.
+    assert_eq!(
+        f.drain_sent().await,
+        [(msg("p1.sub.0.2", "first"), Some(1))]
+    );
 }
 
 #[tokio::test]

@@ -105,6 +105,11 @@ pub enum Handled {
     Done,
     /// Deliver it again after this delay.
     Retry { delay_ms: u64, reason: String },
+    /// The message was sent ahead of the write that makes it current (see
+    /// [`Service::handle_sent_ahead`]), and that write has not landed: the run is at an older
+    /// version, or does not exist yet. Deliver it again soon; a message still ahead when the queue
+    /// gives up on it belongs to a write that never landed, and is dropped.
+    Ahead,
 }
 
 /// Settings of a deployment.
@@ -675,12 +680,26 @@ impl Service {
         msg: &StepMessage,
         budget: Option<std::time::Duration>,
     ) -> Result<Handled, Error> {
+        self.handle_sent_ahead(msg, None, budget).await
+    }
+
+    /// [`Service::handle_within`] for a message a store sent before the write that makes it
+    /// current, which brings the run to version `after`: until the run is at that version it is
+    /// [`Handled::Ahead`], not stale. (The DynamoDB store sends a write's messages first and
+    /// writes after, so that no outbox needs clearing: a message the write refused or never made
+    /// finds the run as it is, and is stale or current like any duplicate.)
+    pub async fn handle_sent_ahead(
+        &self,
+        msg: &StepMessage,
+        after: Option<u64>,
+        budget: Option<std::time::Duration>,
+    ) -> Result<Handled, Error> {
         let until = budget.map(|b| {
             self.now()
                 .saturating_add(Millis::try_from(b.as_millis()).unwrap_or(Millis::MAX))
         });
         for _ in 0..MAX_CONFLICT_RETRIES {
-            match self.handle_once(msg, msg, until).await {
+            match self.handle_once(msg, msg, until, after).await {
                 Err(Error::Conflict(_)) => continue,
                 other => return other,
             }
@@ -698,8 +717,15 @@ impl Service {
         msg: &StepMessage,
         carrier: &StepMessage,
         until: Option<Millis>,
+        after: Option<u64>,
     ) -> Result<Handled, Error> {
-        let Some((mut run, ver)) = self.d.store.load_run(&msg.run_id).await? else {
+        let loaded = self.d.store.load_run(&msg.run_id).await?;
+        if let Some(after) = after
+            && loaded.as_ref().is_none_or(|(_, v)| *v < after)
+        {
+            return Ok(Handled::Ahead);
+        }
+        let Some((mut run, ver)) = loaded else {
             tracing::warn!(message = "Message for an unknown run dropped.", run_id = %msg.run_id, step = %msg.step);
             return Ok(Handled::Done);
         };
@@ -843,7 +869,7 @@ impl Service {
             match engine.orphan(&run, carrier, now) {
                 Some(Ok(orphan)) => {
                     tracing::info!(message = "A step carried under this message is taken over.", run_id = %carrier.run_id, step = %orphan.step, iteration = orphan.iteration);
-                    let handled = Box::pin(self.handle_once(&orphan, carrier, until)).await?;
+                    let handled = Box::pin(self.handle_once(&orphan, carrier, until, None)).await?;
                     if handled != Handled::Done {
                         return Ok(handled);
                     }

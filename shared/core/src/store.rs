@@ -1,9 +1,13 @@
 //! The store port: durable state and its outbox.
 //!
-//! Guarantee asked of every implementation: [`Store::save_run`] applies the run's new state, the
-//! messages it enqueues and the child runs it creates all together or not at all, and only if the
-//! run is still at the version that was loaded; otherwise it returns [`StoreError::Conflict`] and
-//! changes nothing. [`Store::create_run`] creates a run only if no run has that id.
+//! Guarantee asked of every implementation: [`Store::save_run`] applies the run's new state and
+//! the child runs it creates together or not at all, and only if the run is still at the version
+//! that was loaded; otherwise it returns [`StoreError::Conflict`] and changes no record. Once
+//! applied, every message it enqueues is delivered. A store may also deliver the messages of a
+//! write that was not applied, when it sends them ahead of the write, each naming the version
+//! the write would have brought its run to ([`crate::service::Service::handle_sent_ahead`]): a
+//! worker then finds them ahead of the run, or stale or current like any duplicate.
+//! [`Store::create_run`] creates a run only if no run has that id.
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};

@@ -188,6 +188,10 @@ pub fn remaining(deadline_ms: u64) -> std::time::Duration {
     std::time::Duration::from_millis(deadline_ms).saturating_sub(now)
 }
 
+/// The pauses of a message sent ahead of its write, waiting here for that write to land (2.55 s
+/// in all) before it goes back to the queue.
+const AHEAD_PAUSES_MS: [u64; 6] = [50, 100, 200, 400, 800, 1_000];
+
 /// One message of a batch: `Some(failure)` when it must be delivered again.
 async fn on_message(
     service: &Service,
@@ -210,9 +214,29 @@ async fn on_message(
         .get("ApproximateReceiveCount")
         .and_then(|n| n.parse().ok())
         .unwrap_or(1);
-    let reason = match service.handle_within(&msg, budget).await {
+    // Sent ahead of a write that has not landed yet: most often it lands within milliseconds, so
+    // the message waits for it here a little before going back to the queue.
+    let after = riposte_aws::sent_ahead_of(&body);
+    let deadline = budget.map(|b| std::time::Instant::now() + b);
+    let left = || deadline.map(|d| d.saturating_duration_since(std::time::Instant::now()));
+    let mut handled = service.handle_sent_ahead(&msg, after, left()).await;
+    for pause in AHEAD_PAUSES_MS {
+        if !matches!(handled, Ok(Handled::Ahead)) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(pause)).await;
+        handled = service.handle_sent_ahead(&msg, after, left()).await;
+    }
+    let reason = match handled {
         Ok(Handled::Done) => return None,
         Ok(Handled::Retry { reason, .. }) => reason,
+        Ok(Handled::Ahead) if receives >= max_receives => {
+            // Its write never landed (its writer died, or was refused and wrote again with
+            // messages of its own): nothing is owed to it, and its run is not failed.
+            tracing::warn!(message = "Step message sent ahead of a write that never landed dropped.", run_id = %msg.run_id, step = %msg.step);
+            return None;
+        }
+        Ok(Handled::Ahead) => "sent ahead of a write that has not landed".to_string(),
         Err(e) => e.to_string(),
     };
     if receives >= max_receives {

@@ -266,6 +266,7 @@ pub async fn run(
             match local.service.handle(&d.message).await? {
                 Handled::Done => acks.push(d.seq),
                 Handled::Retry { delay_ms, .. } => local.store.delay(d.seq, delay_ms)?,
+                Handled::Ahead => local.store.delay(d.seq, 100)?,
             }
         }
         local.store.ack(&acks)?;

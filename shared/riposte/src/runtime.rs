@@ -292,6 +292,8 @@ pub async fn run_worker(
                     Ok(())
                 }
                 Ok(Handled::Retry { delay_ms, .. }) => store.delay(seq, delay_ms),
+                // Local messages are committed with their write, never ahead of it.
+                Ok(Handled::Ahead) => store.delay(seq, 100),
                 Err(e) => {
                     let n = errors.entry(seq).or_insert(0);
                     *n += 1;

@@ -244,9 +244,14 @@ impl Fixture {
 
     /// Receives and deletes every message visible now.
     pub async fn drain(&self) -> Vec<StepMessage> {
+        self.drain_sent().await.into_iter().map(|m| m.0).collect()
+    }
+
+    /// [`Self::drain`], each message with the run version it was sent ahead of, if it was.
+    pub async fn drain_sent(&self) -> Vec<(StepMessage, Option<u64>)> {
         let mut out = Vec::new();
         for _ in 0..100 {
-            let batch = self.receive_once().await;
+            let batch = self.receive_sent().await;
             if batch.is_empty() {
                 break;
             }
@@ -256,6 +261,10 @@ impl Fixture {
     }
 
     async fn receive_once(&self) -> Vec<StepMessage> {
+        self.receive_sent().await.into_iter().map(|m| m.0).collect()
+    }
+
+    async fn receive_sent(&self) -> Vec<(StepMessage, Option<u64>)> {
         let got = self
             .sqs
             .receive_message()
@@ -267,9 +276,11 @@ impl Fixture {
         let mut out = Vec::new();
         let mut receipts = Vec::new();
         for (i, m) in got.messages().iter().enumerate() {
-            out.push(
-                riposte_aws::parse_message(m.body().expect("a body")).expect("a step message"),
-            );
+            let body = m.body().expect("a body");
+            out.push((
+                riposte_aws::parse_message(body).expect("a step message"),
+                riposte_aws::sent_ahead_of(body),
+            ));
             receipts.push(
                 DeleteMessageBatchRequestEntry::builder()
                     .id(i.to_string())

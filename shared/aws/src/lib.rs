@@ -1,24 +1,37 @@
-//! Riposte's AWS store: one DynamoDB table for all state, SQS for step messages, and an outbox on
-//! the run item that ties the two together without a distributed transaction.
+//! Riposte's AWS store: one DynamoDB table for all state, SQS for step messages, tied together
+//! without a distributed transaction.
 //!
 //! Guarantee (the [`Store`] contract, kept across two services): a run write commits the run's
-//! new state, the step messages it enqueues (as the item's `outbox`) and the child runs it creates
-//! in **one conditional DynamoDB write**, only if the run is still at the version that was read
-//! and no earlier outbox is pending; otherwise nothing is written and the caller gets
-//! [`StoreError::Conflict`]. The messages are then sent to SQS (or, when due more than 15
-//! minutes out, written as timer items) and only then is the outbox removed, conditioned on its
-//! id. A message the run itself waits for ([`riposte_core::run::Run::wakes`]: an approval's
-//! expiry, a wait's end) due more than 15 minutes out is not put in the outbox at all: the run
-//! item carries its earliest wake in an index, written by that same conditional write, and
-//! [`DynamoStore::fire_due_wakes`] sends it when due. A process that dies anywhere in between leaves the outbox on the item, and the next
-//! reader ([`Store::load_run`]), the next writer (which is refused until it is flushed), a
-//! duplicate [`Store::create_run`], or the timer function's sweep
-//! ([`DynamoStore::flush_stale_outboxes`]) sends it. So no message is ever lost; one may be sent twice, which the engine treats as stale.
+//! new state and the child runs it creates in **one conditional DynamoDB write**, only if the run
+//! is still at the version that was read and no earlier outbox is pending; otherwise no record
+//! changes and the caller gets [`StoreError::Conflict`]. Its step messages go one of two ways:
 //!
-//! A reader leaves an outbox younger than [`OUTBOX_GRACE_MS`] to its writer (which is most likely
-//! still sending it), and a writer refused by one waits briefly for it to be cleared before
-//! sending it itself: a worker that receives the first message of a fan-out does not send the
-//! whole fan-out again.
+//! - **Sent ahead**, when every one is due within SQS's 15-minute delay and is for this run or a
+//!   child the write creates (nearly always): sent to SQS before the write, each naming the
+//!   version the write brings its run to (`after` in the body; [`sent_ahead_of`]). The worker
+//!   treats one that finds its run at an older version as ahead, not stale
+//!   ([`riposte_core::service::Service::handle_sent_ahead`]): it waits for the write a moment,
+//!   then hands it back to the queue, and drops it without failing anything when the queue gives
+//!   up on it (its write never landed). A writer that dies between SQS and DynamoDB, or is
+//!   refused, leaves only such messages, or ones that find the run as another writer left it and
+//!   are stale or current like any duplicate; the write itself is redone by whoever redoes the
+//!   work (the step message delivered again, the event Lambda retries, the human answering
+//!   again, the approval's expiry). Nothing is left to clear.
+//! - **In an outbox** otherwise (a message for another run, a timer due later): the write stores
+//!   them as the item's `outbox`; they are then sent to SQS (or, due more than 15 minutes out,
+//!   written as timer items) and only then is the outbox removed, conditioned on its id. A
+//!   process that dies in between leaves the outbox on the item, and the next reader
+//!   ([`Store::load_run`]), the next writer (refused until it is flushed), a duplicate
+//!   [`Store::create_run`], or the timer function's sweep ([`DynamoStore::flush_stale_outboxes`])
+//!   sends it. A reader leaves an outbox younger than [`OUTBOX_GRACE_MS`] to its writer (most
+//!   likely still sending it), and a writer refused by one waits briefly for it to be cleared
+//!   before sending it itself.
+//!
+//! A message the run itself waits for ([`riposte_core::run::Run::wakes`]: an approval's expiry,
+//! a wait's end) due more than 15 minutes out is sent neither way: the run item carries its
+//! earliest wake in an index, written by that same conditional write, and
+//! [`DynamoStore::fire_due_wakes`] sends it when due. So no message a committed write enqueued is
+//! ever lost; one may be sent twice, which the engine treats as stale.
 //!
 //! The table layout is in [`table`]; create it with [`create_table`].
 

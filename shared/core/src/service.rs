@@ -935,11 +935,12 @@ impl Service {
     /// entry's claim, when that was not written).
     ///
     /// Repeat-safe outcomes are grouped: when a repeat-safe step makes only repeat-safe steps
-    /// ready (and nothing else to write: no child run), its outcome is kept here and recorded by
-    /// the write that records theirs, while every step so held can still be recorded before its
-    /// written claim's lease ends, for at most [`MAX_HELD`] steps and [`MAX_HELD_MS`]. A worker lost meanwhile loses only repeat-safe work, which is
-    /// done again when its message comes back; a step that must not be repeated blindly always
-    /// has its claim written before it starts.
+    /// ready (and nothing else to write: no message, no child run), its outcome is kept here and
+    /// recorded by the write that records theirs, while every step so held can still be recorded
+    /// before its written claim's lease ends, for at most [`MAX_HELD`] steps and
+    /// [`MAX_HELD_MS`]. A worker lost meanwhile loses only repeat-safe work, which is done again
+    /// when its message comes back; a step that must not be repeated blindly always has its claim
+    /// written before it starts.
     #[allow(clippy::too_many_arguments)]
     async fn perform_queue(
         &self,

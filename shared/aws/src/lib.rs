@@ -157,15 +157,26 @@ pub fn parse_message(body: &str) -> Result<StepMessage, String> {
     serde_json::from_str(body).map_err(|e| format!("not a step message: {e}"))
 }
 
-/// The run version a message body was sent ahead of (its `after`), if it was: the store sends a
-/// write's messages before the write, and the worker treats one that finds the run at an older
-/// version as ahead, not stale ([`riposte_core::service::Service::handle_sent_ahead`]).
-pub fn sent_ahead_of(body: &str) -> Option<u64> {
+/// Reads an SQS message body written by this store, with the run version it was sent ahead of
+/// (its `after`), if it was: the store sends a write's messages before the write, and the worker
+/// treats one that finds the run at an older version as ahead, not stale
+/// ([`riposte_core::service::Service::handle_sent_ahead`]).
+pub fn parse_sent(body: &str) -> Result<(StepMessage, Option<u64>), String> {
     #[derive(serde::Deserialize)]
     struct Envelope {
+        #[serde(flatten)]
+        msg: StepMessage,
+        #[serde(default)]
         after: Option<u64>,
     }
-    serde_json::from_str::<Envelope>(body).ok()?.after
+    serde_json::from_str::<Envelope>(body)
+        .map(|e| (e.msg, e.after))
+        .map_err(|e| format!("not a step message: {e}"))
+}
+
+/// The run version a message body was sent ahead of, if it was (see [`parse_sent`]).
+pub fn sent_ahead_of(body: &str) -> Option<u64> {
+    parse_sent(body).ok()?.1
 }
 
 /// The body of a message sent ahead of the write that brings its run to version `after`.

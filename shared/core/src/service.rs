@@ -231,13 +231,6 @@ struct Held {
     safe: bool,
 }
 
-/// The outcome of the step held last.
-fn held_outcome(held: &[Held]) -> Outcome {
-    held.last()
-        .map(|h| h.outcome.clone())
-        .unwrap_or(Outcome::Waiting)
-}
-
 /// The lease of a step's iteration as the run holds it.
 fn lease_of(run: &Run, msg: &StepMessage) -> Option<Millis> {
     run.step(&msg.step)?
@@ -1005,7 +998,7 @@ impl Service {
                         + usize::from(engine.finish(
                             &mut run,
                             &msg,
-                            held_outcome(&held),
+                            held[held.len() - 1].outcome.clone(),
                             now,
                             &mut fx,
                         ))

@@ -19,7 +19,6 @@ use riposte_core::connector::{Connections, ConnectorCatalog};
 use riposte_core::engine::Worker;
 use riposte_core::model::AlertKind;
 use riposte_core::ports::{Clock, HttpSender, IdSource};
-use riposte_core::run::StepMessage;
 use riposte_core::service::{Config, Deps, Error, Handled, Service};
 use riposte_http::{EgressPolicy, ReqwestSender};
 use riposte_system::{OsIds, SystemClock};
@@ -201,8 +200,8 @@ async fn on_message(
 ) -> Option<BatchItemFailure> {
     let id = record.message_id.clone().unwrap_or_default();
     let body = record.body.clone().unwrap_or_default();
-    let msg: StepMessage = match serde_json::from_str(&body) {
-        Ok(m) => m,
+    let (msg, after) = match riposte_aws::parse_sent(&body) {
+        Ok(parsed) => parsed,
         Err(e) => {
             // It can never succeed: acknowledge it instead of feeding a retry storm.
             tracing::error!(message = "Unreadable step message dropped.", message_id = %id, error = %e);
@@ -216,7 +215,6 @@ async fn on_message(
         .unwrap_or(1);
     // Sent ahead of a write that has not landed yet: most often it lands within milliseconds, so
     // the message waits for it here a little before going back to the queue.
-    let after = riposte_aws::sent_ahead_of(&body);
     let deadline = budget.map(|b| std::time::Instant::now() + b);
     let left = || deadline.map(|d| d.saturating_duration_since(std::time::Instant::now()));
     let mut handled = service.handle_sent_ahead(&msg, after, left()).await;

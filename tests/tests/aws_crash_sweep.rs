@@ -301,9 +301,7 @@ struct Deployment {
     approval_fn: Arc<Service>,
     /// The timer function's store (the timer goes to DynamoDB and SQS directly).
     timer: Arc<DynamoStore>,
-    dynamo: aws_sdk_dynamodb::Client,
     sqs: aws_sdk_sqs::Client,
-    table: String,
     queue: String,
     clock: Arc<FrozenClock>,
     run_id: String,
@@ -393,9 +391,7 @@ impl Deployment {
             v,
             store,
             timer: raw,
-            dynamo,
             sqs,
-            table,
             queue,
             clock,
             run_id: String::new(),
@@ -430,27 +426,16 @@ impl Deployment {
         panic!("the alert function never succeeded: {:?}", self.notes);
     }
 
-    /// The run item as stored (read directly: a `load_run` would flush its outbox).
-    async fn item(&self) -> HashMap<String, AttributeValue> {
-        self.dynamo
-            .get_item()
-            .table_name(&self.table)
-            .key("pk", AttributeValue::S(format!("RUN#{}", self.run_id)))
-            .key("sk", AttributeValue::S("RUN".into()))
-            .consistent_read(true)
-            .send()
+    /// The run as stored, and whether an outbox is pending on it (read without flushing
+    /// anything, as a `load_run` would).
+    async fn run(&self) -> (Run, bool) {
+        let (run, _, outbox) = self
+            .timer
+            .peek_run(&self.run_id)
             .await
             .unwrap()
-            .item
-            .unwrap_or_else(|| panic!("run {} is not stored: {:?}", self.run_id, self.notes))
-    }
-
-    async fn run(&self) -> (Run, bool) {
-        let item = self.item().await;
-        (
-            riposte_aws::run_of_item(&item).unwrap(),
-            item.contains_key("outbox"),
-        )
+            .unwrap_or_else(|| panic!("run {} is not stored: {:?}", self.run_id, self.notes));
+        (run, outbox)
     }
 
     /// (visible, in flight, delayed) messages of the step queue.

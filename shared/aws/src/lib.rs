@@ -38,6 +38,7 @@
 mod item;
 mod outbox;
 mod pack;
+mod runlog;
 mod runs;
 pub mod secrets;
 mod size;
@@ -52,10 +53,7 @@ use riposte_core::ports::Clock;
 use riposte_core::run::StepMessage;
 use riposte_system::SystemClock;
 
-pub use runs::{
-    INPUT_HORIZON_MS, OUTBOX_GRACE_MS, STALE_OUTBOX_MS, WAKE_GRACE_MS, run_json_of_item,
-    run_of_item,
-};
+pub use runs::{INPUT_HORIZON_MS, OUTBOX_GRACE_MS, STALE_OUTBOX_MS, WAKE_GRACE_MS};
 pub use secrets::SecretsManagerSecrets;
 pub use table::{create_table, table_definition};
 
@@ -116,6 +114,8 @@ pub struct DynamoStore {
     sqs: aws_sdk_sqs::Client,
     config: AwsConfig,
     clock: Arc<dyn Clock>,
+    /// The run versions this process knows exactly, to write the next as a patch.
+    recent: runlog::RecentRuns,
 }
 
 impl DynamoStore {
@@ -131,6 +131,7 @@ impl DynamoStore {
             sqs,
             config,
             clock,
+            recent: runlog::RecentRuns::default(),
         }
     }
 

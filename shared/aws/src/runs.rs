@@ -8,7 +8,7 @@
 //! timer item, and only if it is still the same outbox (its id). A timer item is deleted only
 //! after SQS accepted its message.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 
 use aws_sdk_dynamodb::operation::put_item::PutItemError;
 use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
@@ -27,12 +27,14 @@ use riposte_core::store::{RunSummary, StoreError};
 use crate::item::{Item, ItemExt, from_json, key, n, names, s, to_json, unavailable, values};
 use crate::outbox::{Outbox, queue_delay, unique_token};
 use crate::pack::{deflate, inflate};
+use crate::runlog::{Chain, Encoded, MAX_CHAIN_AGE_MS, encode, expired};
 use crate::size::{
     BODY_TARGET_BYTES, ITEM_OVERHEAD_BYTES, MAX_ITEM_BYTES, MIN_BODY_BYTES, fit_body,
 };
 use crate::table::{
-    GSI1, GSI2, GSI2_RUNS, GSI3, SHARDS, SK_INPUT, SK_RUN, TTL_ATTRIBUTE, outbox_gsi1pk,
-    outbox_gsi1sk, pad, run_gsi2sk, run_pk, shard_of, timer_pk, timer_sk, wake_gsi3pk, wake_gsi3sk,
+    GSI1, GSI2, GSI2_RUNS, GSI3, SHARDS, SK_INPUT, TTL_ATTRIBUTE, VERSION_SK_PREFIX, outbox_gsi1pk,
+    outbox_gsi1sk, pad, run_gsi2sk, run_pk, shard_of, timer_pk, timer_sk, version_sk, wake_gsi3pk,
+    wake_gsi3sk,
 };
 use crate::{DynamoStore, body_sent_ahead};
 
@@ -71,6 +73,19 @@ const OUTBOX_PAGES: usize = 2;
 const OUTBOX_PAGE_SIZE: i32 = 25;
 /// Pages read by `list_runs` when filtering on status.
 const RUN_LIST_PAGES: usize = 10;
+/// Runs whose latest version `list_runs` reads at once.
+const LIST_CONCURRENCY: usize = 16;
+/// Pages (1 MB each) of a run's partition read at most to find its latest chain.
+const LOG_PAGES: usize = 16;
+
+/// What the conditional put of a version item did.
+enum Landing {
+    Landed,
+    /// The item exists (this is it, when DynamoDB returned it).
+    Refused(Option<Item>),
+    /// A child run with this id exists already; nothing was written.
+    ChildExists(String),
+}
 
 /// What the conditional write did.
 pub(crate) enum Commit {
@@ -104,9 +119,16 @@ impl DynamoStore {
             .then(|| input_base(run).saturating_add(INPUT_HORIZON_MS))
     }
 
-    /// The run item without its outbox; `body` is the run's JSON, stored deflated as `z`.
-    fn run_item(&self, run: &Run, version: u64, body: &str, now: Millis) -> Item {
-        let mut item = key(run_pk(&run.id), SK_RUN);
+    /// The expiry of every item of a chain whose snapshot was written at `snap_at`: a day after
+    /// it, plus the retention (see [`crate::runlog`]).
+    fn chain_expiry(&self, snap_at: Millis) -> Option<AttributeValue> {
+        self.expiry(snap_at.saturating_add(MAX_CHAIN_AGE_MS))
+    }
+
+    /// The version item without its outbox; `body` is its snapshot or patch.
+    fn run_item(&self, run: &Run, version: u64, body: &Encoded) -> Item {
+        let mut item = key(run_pk(&run.id), version_sk(version));
+        item.extend(body.attributes());
         item.extend([
             ("id".to_string(), s(&run.id)),
             ("version".to_string(), n(version)),
@@ -115,13 +137,12 @@ impl DynamoStore {
             ("playbook_version".to_string(), n(run.playbook_version)),
             ("created_at".to_string(), n(run.created_at)),
             ("updated_at".to_string(), n(run.updated_at)),
-            (
-                BODY_ATTRIBUTE.to_string(),
-                AttributeValue::B(Blob::new(deflate(body))),
-            ),
-            ("gsi2pk".to_string(), s(GSI2_RUNS)),
-            ("gsi2sk".to_string(), s(run_gsi2sk(run.created_at, &run.id))),
         ]);
+        if body.is_snapshot() {
+            // Listed by each snapshot, so that a run stays listed as its older chains expire.
+            item.insert("gsi2pk".into(), s(GSI2_RUNS));
+            item.insert("gsi2sk".into(), s(run_gsi2sk(run.created_at, &run.id)));
+        }
         if let Some(at) = run.finished_at {
             item.insert("finished_at".into(), n(at));
         }
@@ -135,12 +156,26 @@ impl DynamoStore {
             item.insert("gsi3pk".into(), s(wake_gsi3pk(&run.id)));
             item.insert("gsi3sk".into(), s(wake_gsi3sk(at, &run.id)));
         }
-        if run.status.is_terminal()
-            && let Some(at) = self.expiry(now)
-        {
+        if let Some(at) = self.chain_expiry(body.recent.snap_at) {
             item.insert(TTL_ATTRIBUTE.into(), at);
         }
         item
+    }
+
+    /// What a version item stores for `run` at `version`: a patch from what this process knows
+    /// of the previous version, or a snapshot.
+    fn encode(
+        &self,
+        run: &Run,
+        version: u64,
+        body: &str,
+        now: Millis,
+    ) -> Result<Encoded, StoreError> {
+        let json: serde_json::Value = from_json(&format!("run {}", run.id), body)?;
+        let prev = version
+            .checked_sub(1)
+            .and_then(|v| self.recent.at(&run.id, v));
+        encode(prev, version, body, json, now)
     }
 
     /// Sends a write's messages ahead of it when they all can be (`true`): each due within SQS's
@@ -231,7 +266,8 @@ impl DynamoStore {
             self.expire_input(run).await?;
         }
         let body = fit_body(&without_input(run), budget, now)?;
-        let mut item = self.run_item(run, version, &body, now);
+        let encoded = self.encode(run, version, &body, now)?;
+        let mut item = self.run_item(run, version, &encoded);
         item.insert("write_id".into(), s(&write_id));
         if let (Some(ob), Some(json)) = (&outbox, outbox_json) {
             item.extend([
@@ -241,15 +277,37 @@ impl DynamoStore {
                 ("gsi1sk".to_string(), s(outbox_gsi1sk(now, &run.id))),
             ]);
         }
-        let (condition, expr_names, expr_values) = match expected {
-            None => ("attribute_not_exists(pk)", None, None),
-            Some(v) => (
-                "#version = :expected AND attribute_not_exists(#outbox)",
-                names([("#version", "version"), ("#outbox", "outbox")]),
-                values([(":expected", n(v))]),
-            ),
-        };
+        // Until it is known to have landed, this process knows no version of the run exactly.
+        self.recent.forget(&run.id);
+        match self.put_version(run, item, &token, fx, now).await? {
+            Landing::Landed => {
+                self.recent.remember(&run.id, encoded.recent);
+                Ok(Commit::Done(outbox))
+            }
+            Landing::Refused(item) => {
+                let commit = self
+                    .refused(&run.id, version, &write_id, item, outbox)
+                    .await?;
+                if matches!(commit, Commit::Done(_)) {
+                    self.recent.remember(&run.id, encoded.recent);
+                }
+                Ok(commit)
+            }
+            Landing::ChildExists(child) => Ok(Commit::ChildExists(child)),
+        }
+    }
 
+    /// The conditional put of a version item (with its child runs, in one transaction).
+    async fn put_version(
+        &self,
+        run: &Run,
+        item: Item,
+        token: &str,
+        fx: &Effects,
+        now: Millis,
+    ) -> Result<Landing, StoreError> {
+        // Two writers from the same version race for the same key; one wins.
+        let condition = "attribute_not_exists(pk)";
         if fx.new_runs.is_empty() {
             let res = self
                 .dynamo
@@ -257,19 +315,16 @@ impl DynamoStore {
                 .table_name(&self.config.table)
                 .set_item(Some(item))
                 .condition_expression(condition)
-                .set_expression_attribute_names(expr_names)
-                .set_expression_attribute_values(expr_values)
                 .return_values_on_condition_check_failure(
                     ReturnValuesOnConditionCheckFailure::AllOld,
                 )
                 .send()
                 .await;
             return match res {
-                Ok(_) => Ok(Commit::Done(outbox)),
+                Ok(_) => Ok(Landing::Landed),
                 Err(e) => match e.as_service_error() {
                     Some(PutItemError::ConditionalCheckFailedException(c)) => {
-                        self.refused(&run.id, &write_id, c.item().cloned(), outbox)
-                            .await
+                        Ok(Landing::Refused(c.item().cloned()))
                     }
                     _ => Err(unavailable(&format!("writing run {}", run.id), e)),
                 },
@@ -292,8 +347,6 @@ impl DynamoStore {
                         .table_name(&self.config.table)
                         .set_item(Some(item))
                         .condition_expression(condition)
-                        .set_expression_attribute_names(expr_names)
-                        .set_expression_attribute_values(expr_values)
                         .return_values_on_condition_check_failure(
                             ReturnValuesOnConditionCheckFailure::AllOld,
                         )
@@ -315,12 +368,13 @@ impl DynamoStore {
                     .build(),
             );
             let body = fit_body(&without_input(child), BODY_TARGET_BYTES, now)?;
+            let snapshot = encode(None, 1, &body, serde_json::Value::Null, now)?;
             actions.push(
                 TransactWriteItem::builder()
                     .put(
                         Put::builder()
                             .table_name(&self.config.table)
-                            .set_item(Some(self.run_item(child, 1, &body, now)))
+                            .set_item(Some(self.run_item(child, 1, &snapshot)))
                             .condition_expression("attribute_not_exists(pk)")
                             .build()
                             .map_err(build)?,
@@ -332,11 +386,11 @@ impl DynamoStore {
             .dynamo
             .transact_write_items()
             .set_transact_items(Some(actions))
-            .client_request_token(&token)
+            .client_request_token(token)
             .send()
             .await;
         match res {
-            Ok(_) => Ok(Commit::Done(outbox)),
+            Ok(_) => Ok(Landing::Landed),
             Err(e) => {
                 let Some(TransactWriteItemsError::TransactionCanceledException(c)) =
                     e.as_service_error()
@@ -350,13 +404,11 @@ impl DynamoStore {
                 if let Some(first) = reasons.first()
                     && failed(first)
                 {
-                    return self
-                        .refused(&run.id, &write_id, first.item().cloned(), outbox)
-                        .await;
+                    return Ok(Landing::Refused(first.item().cloned()));
                 }
                 // After the run: each child's input, then the child.
                 if let Some(i) = reasons.iter().skip(1).position(failed) {
-                    return Ok(Commit::ChildExists(fx.new_runs[i / 2].id.clone()));
+                    return Ok(Landing::ChildExists(fx.new_runs[i / 2].id.clone()));
                 }
                 if reasons
                     .iter()
@@ -377,13 +429,14 @@ impl DynamoStore {
     async fn refused(
         &self,
         run_id: &str,
+        version: u64,
         write_id: &str,
         item: Option<Item>,
         outbox: Option<Outbox>,
     ) -> Result<Commit, StoreError> {
         let item = match item {
             Some(i) => Some(i),
-            None => self.get_run_item(run_id).await?,
+            None => self.get_item_at(run_id, &version_sk(version)).await?,
         };
         if item
             .as_ref()
@@ -419,9 +472,10 @@ impl DynamoStore {
         run_id: &str,
         item: Option<Item>,
     ) -> Result<(), StoreError> {
+        let sk = version_sk(1);
         let mut item = match item {
             Some(i) => Some(i),
-            None => self.get_run_item(run_id).await?,
+            None => self.get_item_at(run_id, &sk).await?,
         };
         for pause in PATIENCE_MS {
             let Some(ob) = pending_outbox(run_id, item.as_ref())? else {
@@ -431,7 +485,7 @@ impl DynamoStore {
                 break;
             }
             tokio::time::sleep(std::time::Duration::from_millis(pause)).await;
-            item = self.get_run_item(run_id).await?;
+            item = self.get_item_at(run_id, &sk).await?;
             if pending_outbox(run_id, item.as_ref())?.map(|o| o.id) != Some(ob.id) {
                 // Its writer finished; any outbox there now is another live writer's.
                 return Ok(());
@@ -448,12 +502,17 @@ impl DynamoStore {
         self.clock.now().saturating_sub(outbox.at) >= OUTBOX_GRACE_MS
     }
 
-    pub(crate) async fn get_run_item(&self, run_id: &str) -> Result<Option<Item>, StoreError> {
+    /// One item of a run's partition, read strongly.
+    pub(crate) async fn get_item_at(
+        &self,
+        run_id: &str,
+        sk: &str,
+    ) -> Result<Option<Item>, StoreError> {
         let out = self
             .dynamo
             .get_item()
             .table_name(&self.config.table)
-            .set_key(Some(key(run_pk(run_id), SK_RUN)))
+            .set_key(Some(key(run_pk(run_id), sk)))
             .consistent_read(true)
             .send()
             .await
@@ -461,49 +520,106 @@ impl DynamoStore {
         Ok(out.item)
     }
 
-    /// A run item's run and version; first flushes a pending outbox whose writer is presumed dead
-    /// (step 4 of the protocol). A younger one is left to its writer: should the caller write
-    /// meanwhile, the write is refused and [`Self::flush_refused`] sees to it.
+    /// A run and its version: its latest chain applied ([`crate::runlog`]), with its input;
+    /// first flushes the pending outboxes whose writer is presumed dead (step 4 of the protocol).
+    /// A younger one is left to its writer.
     pub(crate) async fn read_run(&self, run_id: &str) -> Result<Option<(Run, u64)>, StoreError> {
-        // The run item and its input item: one query of the run's partition.
-        let out = self
-            .dynamo
-            .query()
-            .table_name(&self.config.table)
-            .key_condition_expression("pk = :pk")
-            .set_expression_attribute_values(values([(":pk", s(run_pk(run_id)))]))
-            .consistent_read(true)
-            .send()
-            .await
-            .map_err(|e| unavailable(&format!("reading run {run_id}"), e))?;
-        let mut item = None;
-        let mut input = None;
-        for i in out.items.unwrap_or_default() {
-            match i.opt_str("sk") {
-                Some(SK_RUN) => item = Some(i),
-                Some(SK_INPUT) => input = Some(i),
-                _ => {}
-            }
-        }
-        let Some(item) = item else {
+        let Some(log) = self.read_log(run_id).await? else {
             return Ok(None);
         };
-        let version: u64 = item.num("version")?;
-        let mut run = run_of_item(&item)?;
+        for (_, ob) in &log.outboxes {
+            if self.is_abandoned(ob)
+                && let Err(error) = self.flush(run_id, ob).await
+            {
+                // The run is still readable; the sweep sends it later.
+                tracing::warn!(message = "Pending outbox not flushed on load.", run_id, outbox = %ob.id, %error);
+            }
+        }
+        Ok(Some((log.run, log.version)))
+    }
+
+    /// A run as its log stands, without flushing anything (for tests and tools: what a reader
+    /// finds), and whether an outbox is pending on any of its items.
+    #[doc(hidden)]
+    pub async fn peek_run(&self, run_id: &str) -> Result<Option<(Run, u64, bool)>, StoreError> {
+        Ok(self
+            .read_log(run_id)
+            .await?
+            .map(|l| (l.run, l.version, !l.outboxes.is_empty())))
+    }
+
+    /// One query of the run's partition, newest first: its version items (the latest chain is
+    /// applied; expired items are left out), then its input.
+    async fn read_log(&self, run_id: &str) -> Result<Option<Log>, StoreError> {
+        let now = self.clock.now();
+        let mut items = Vec::new();
+        let mut start = None;
+        let mut input = None;
+        for _ in 0..LOG_PAGES {
+            let out = self
+                .dynamo
+                .query()
+                .table_name(&self.config.table)
+                .key_condition_expression("pk = :pk")
+                .set_expression_attribute_values(values([(":pk", s(run_pk(run_id)))]))
+                .scan_index_forward(false)
+                .consistent_read(true)
+                .set_exclusive_start_key(start)
+                .send()
+                .await
+                .map_err(|e| unavailable(&format!("reading run {run_id}"), e))?;
+            for i in out.items.unwrap_or_default() {
+                match i.opt_str("sk") {
+                    Some(SK_INPUT) => input = Some(i),
+                    Some(sk) if sk.starts_with(VERSION_SK_PREFIX) && !expired(&i, now) => {
+                        items.push(i);
+                    }
+                    _ => {}
+                }
+            }
+            start = out.last_evaluated_key;
+            if start.is_none() {
+                break;
+            }
+            let versions: Vec<&Item> = items.iter().collect();
+            if Chain::latest(run_id, &versions).is_ok_and(|c| c.is_some()) {
+                // The rest is older chains, then the input: read on its own.
+                input = self.get_item_at(run_id, SK_INPUT).await?;
+                break;
+            }
+        }
+        let versions: Vec<&Item> = items.iter().collect();
+        let Some(chain) = Chain::latest(run_id, &versions)? else {
+            return Ok(None);
+        };
+        let recent = chain.run_json(run_id)?;
+        let version = recent.version;
+        let mut run: Run = serde_json::from_value(recent.json.clone())
+            .map_err(|e| StoreError::Corrupt(format!("run {run_id} version {version}: {e}")))?;
+        self.recent.remember(run_id, recent);
         if let Some(input) = input {
             run.input = from_json(
                 &format!("input of run {run_id}"),
                 &inflate(&format!("input of run {run_id}"), blob(&input)?)?,
             )?;
         }
-        if let Some(ob) = pending_outbox(run_id, Some(&item))?
-            && self.is_abandoned(&ob)
-            && let Err(error) = self.flush(run_id, &ob).await
-        {
-            // The run is still readable; its next write is refused until the flush succeeds.
-            tracing::warn!(message = "Pending outbox not flushed on load.", run_id, outbox = %ob.id, %error);
+        let mut outboxes = Vec::new();
+        let mut stale_wakes = Vec::new();
+        for i in &items {
+            let sk = i.str("sk")?;
+            if let Some(ob) = pending_outbox(run_id, Some(i))? {
+                outboxes.push((sk.to_string(), ob));
+            }
+            if i.contains_key("gsi3pk") && i.num::<u64>("version")? < version {
+                stale_wakes.push(sk.to_string());
+            }
         }
-        Ok(Some((run, version)))
+        Ok(Some(Log {
+            run,
+            version,
+            outboxes,
+            stale_wakes,
+        }))
     }
 
     fn input_item(&self, run: &Run) -> Result<Item, StoreError> {
@@ -594,7 +710,7 @@ impl DynamoStore {
             .dynamo
             .update_item()
             .table_name(&self.config.table)
-            .set_key(Some(key(run_pk(run_id), SK_RUN)))
+            .set_key(Some(key(run_pk(run_id), outbox_sk(run_id, outbox_id)?)))
             .update_expression("REMOVE #outbox, #outbox_id, gsi1pk, gsi1sk")
             .condition_expression("#outbox_id = :id")
             .set_expression_attribute_names(names([
@@ -606,6 +722,22 @@ impl DynamoStore {
             .await;
         // Refused: someone else flushed it (and perhaps a later writer committed a new one).
         unless_refused(res, || format!("clearing the outbox of run {run_id}"))
+    }
+
+    /// Takes a superseded version item out of the wake index. Refused: done already.
+    async fn remove_wake(&self, run_id: &str, sk: &str) -> Result<(), StoreError> {
+        let res = self
+            .dynamo
+            .update_item()
+            .table_name(&self.config.table)
+            .set_key(Some(key(run_pk(run_id), sk)))
+            .update_expression("REMOVE gsi3pk, gsi3sk")
+            .condition_expression("attribute_exists(gsi3pk)")
+            .send()
+            .await;
+        unless_refused(res, || {
+            format!("removing a superseded wake of run {run_id}")
+        })
     }
 
     async fn put_timer(&self, msg: &StepMessage, due: Millis, id: &str) -> Result<(), StoreError> {
@@ -783,14 +915,23 @@ impl DynamoStore {
     pub async fn fire_due_wakes(&self, now: Millis) -> Result<usize, StoreError> {
         let cutoff = pad(now.saturating_sub(WAKE_GRACE_MS).saturating_add(1));
         let mut fired = 0;
-        for run_id in self
+        let mut seen = HashSet::new();
+        for (run_id, _) in self
             .runs_below(GSI3, "WAKE#", &cutoff, TIMER_PAGES, TIMER_PAGE_SIZE)
             .await?
         {
-            // The index lags: the run itself says what is due.
-            let Some((run, version)) = self.read_run(&run_id).await? else {
+            if !seen.insert(run_id.clone()) {
+                continue;
+            }
+            // The index lags, and lists the wakes of versions since superseded: the run itself
+            // says what is due.
+            let Some(log) = self.read_log(&run_id).await? else {
                 continue;
             };
+            for sk in &log.stale_wakes {
+                self.remove_wake(&run_id, sk).await?;
+            }
+            let (run, version) = (log.run, log.version);
             let due: Vec<(StepMessage, i32)> = run
                 .wakes()
                 .into_iter()
@@ -825,12 +966,12 @@ impl DynamoStore {
     pub async fn flush_stale_outboxes(&self, now: Millis) -> Result<usize, StoreError> {
         let cutoff = pad(now.saturating_sub(STALE_OUTBOX_MS));
         let mut flushed = 0;
-        for run_id in self
+        for (run_id, sk) in self
             .runs_below(GSI1, "OUTBOX#", &cutoff, OUTBOX_PAGES, OUTBOX_PAGE_SIZE)
             .await?
         {
-            // The index lags: read the run itself before sending anything.
-            let current = self.get_run_item(&run_id).await?;
+            // The index lags: read the item itself before sending anything.
+            let current = self.get_item_at(&run_id, &sk).await?;
             if let Some(ob) = pending_outbox(&run_id, current.as_ref())? {
                 self.flush(&run_id, &ob).await?;
                 flushed += 1;
@@ -839,8 +980,9 @@ impl DynamoStore {
         Ok(flushed)
     }
 
-    /// The run ids a sharded index (`gsi1` or `gsi3`) lists under `<prefix><shard>` with a sort
-    /// key below `cutoff`, over every shard, at most `pages` pages of `page_size` per shard.
+    /// The run ids (and their items' sort keys) a sharded index (`gsi1` or `gsi3`) lists under
+    /// `<prefix><shard>` with a sort key below `cutoff`, over every shard, at most `pages` pages
+    /// of `page_size` per shard.
     async fn runs_below(
         &self,
         index: &str,
@@ -848,7 +990,7 @@ impl DynamoStore {
         cutoff: &str,
         pages: usize,
         page_size: i32,
-    ) -> Result<Vec<String>, StoreError> {
+    ) -> Result<Vec<(String, String)>, StoreError> {
         let mut ids = Vec::new();
         for shard in 0..SHARDS {
             let mut start = None;
@@ -869,7 +1011,7 @@ impl DynamoStore {
                     .await
                     .map_err(|e| unavailable(&format!("reading {index}"), e))?;
                 for item in page.items() {
-                    ids.push(item.str("id")?.to_string());
+                    ids.push((item.str("id")?.to_string(), item.str("sk")?.to_string()));
                 }
                 start = page.last_evaluated_key;
                 if start.is_none() {
@@ -880,9 +1022,10 @@ impl DynamoStore {
         Ok(ids)
     }
 
-    /// Runs newest first (ties by id, descending): the keys from the runs-by-time index (gsi2,
-    /// keys only, so that a status change never rewrites it), then the runs themselves in one
-    /// batch per page; a status filter is applied to what is read.
+    /// Runs newest first (ties by id, descending): the runs from the runs-by-time index (gsi2,
+    /// keys only, written by each snapshot: a run may be listed more than once), then each
+    /// run's latest version item (one query each, several at a time); a status filter is
+    /// applied to what is read.
     pub(crate) async fn query_runs(
         &self,
         limit: usize,
@@ -894,6 +1037,7 @@ impl DynamoStore {
         }
         let page_size = i32::try_from(limit.max(25)).unwrap_or(1000).min(1000);
         let mut start = None;
+        let mut seen = HashSet::new();
         for _ in 0..RUN_LIST_PAGES {
             let page = self
                 .dynamo
@@ -908,23 +1052,15 @@ impl DynamoStore {
                 .send()
                 .await
                 .map_err(|e| unavailable("listing runs", e))?;
-            let keys: Vec<Item> = page
+            let ids: Vec<String> = page
                 .items()
                 .iter()
-                .filter_map(|i| Some(key(i.opt_str("pk")?.to_string(), i.opt_str("sk")?)))
-                .collect();
-            let mut runs: HashMap<String, Item> = self
-                .batch_get(keys.clone())
-                .await?
-                .into_iter()
-                .filter_map(|i| Some((i.opt_str("pk")?.to_string(), i)))
+                .filter_map(|i| i.opt_str("pk")?.strip_prefix("RUN#").map(str::to_string))
+                .filter(|id| seen.insert(id.clone()))
                 .collect();
             // In the index's order; a run gone meanwhile (expired) is left out.
-            for k in &keys {
-                let Some(item) = k.opt_str("pk").and_then(|pk| runs.remove(pk)) else {
-                    continue;
-                };
-                let run = summary(&item)?;
+            for summary in self.latest_summaries(&ids).await? {
+                let Some(run) = summary else { continue };
                 if status.is_some_and(|st| st != run.status) {
                     continue;
                 }
@@ -939,6 +1075,51 @@ impl DynamoStore {
             }
         }
         Ok(out)
+    }
+
+    /// The summary of each run's latest version item, in the order given (`None`: expired).
+    async fn latest_summaries(
+        &self,
+        ids: &[String],
+    ) -> Result<Vec<Option<RunSummary>>, StoreError> {
+        let mut out = vec![None; ids.len()];
+        let mut next = ids.iter().enumerate();
+        let mut in_flight = tokio::task::JoinSet::new();
+        loop {
+            while in_flight.len() < LIST_CONCURRENCY
+                && let Some((i, id)) = next.next()
+            {
+                let query = self
+                    .dynamo
+                    .query()
+                    .table_name(&self.config.table)
+                    .key_condition_expression("pk = :pk AND begins_with(sk, :v)")
+                    .set_expression_attribute_values(values([
+                        (":pk", s(run_pk(id))),
+                        (":v", s(VERSION_SK_PREFIX)),
+                    ]))
+                    .projection_expression(
+                        "id, #status, playbook_id, playbook_version, created_at, finished_at, #ttl",
+                    )
+                    .set_expression_attribute_names(names([
+                        ("#status", "status"),
+                        ("#ttl", TTL_ATTRIBUTE),
+                    ]))
+                    .scan_index_forward(false)
+                    .limit(1);
+                in_flight.spawn(async move { (i, query.send().await) });
+            }
+            let Some(done) = in_flight.join_next().await else {
+                return Ok(out);
+            };
+            let (i, res) =
+                done.map_err(|e| StoreError::Unavailable(format!("listing runs: {e}")))?;
+            let page = res.map_err(|e| unavailable("listing runs", e))?;
+            let now = self.clock.now();
+            if let Some(item) = page.items().first().filter(|i| !expired(i, now)) {
+                out[i] = Some(summary(item)?);
+            }
+        }
     }
 }
 
@@ -994,8 +1175,28 @@ async fn send_batch(
     )))
 }
 
-/// The deflated run body of a run item.
+/// The deflated body of a run's input item.
 pub(crate) const BODY_ATTRIBUTE: &str = "z";
+
+/// A run as its log stands ([`DynamoStore::read_log`]).
+struct Log {
+    run: Run,
+    version: u64,
+    /// The outboxes pending on its items, with each item's sort key.
+    outboxes: Vec<(String, Outbox)>,
+    /// The items of superseded versions still listed in the wake index (their sort keys).
+    stale_wakes: Vec<String>,
+}
+
+/// The sort key of the item an outbox is on: its id starts with the version the write made.
+fn outbox_sk(run_id: &str, outbox_id: &str) -> Result<String, StoreError> {
+    outbox_id
+        .split('.')
+        .next()
+        .and_then(|v| v.parse().ok())
+        .map(version_sk)
+        .ok_or_else(|| StoreError::Corrupt(format!("run {run_id}: outbox id {outbox_id}")))
+}
 
 /// An update whose refused condition means there is nothing left to do.
 fn unless_refused<T>(
@@ -1058,22 +1259,6 @@ fn blob(item: &Item) -> Result<&[u8], StoreError> {
             item.opt_str("sk").unwrap_or("?")
         ))),
     }
-}
-
-/// The run's JSON as a run item stores it (its input is in the input item).
-pub fn run_json_of_item(item: &HashMap<String, AttributeValue>) -> Result<String, StoreError> {
-    let what = format!("run {}", item.opt_str("id").unwrap_or("?"));
-    match item.get(BODY_ATTRIBUTE) {
-        Some(AttributeValue::B(b)) => inflate(&what, b.as_ref()),
-        // Written before bodies were deflated.
-        _ => Ok(item.str("body")?.to_string()),
-    }
-}
-
-/// The run a run item stores, without its input (in the input item).
-pub fn run_of_item(item: &HashMap<String, AttributeValue>) -> Result<Run, StoreError> {
-    let what = format!("run {}", item.opt_str("id").unwrap_or("?"));
-    from_json(&what, &run_json_of_item(item)?)
 }
 
 /// The outbox pending on a run item, if any.

@@ -57,7 +57,8 @@ pub(crate) const SHARDS: u32 = 16;
 
 pub(crate) const SK_HEAD: &str = "HEAD";
 pub(crate) const SK_RULE: &str = "RULE";
-pub(crate) const SK_RUN: &str = "RUN";
+/// Run version items' sort keys start so (then the version, zero-padded).
+pub(crate) const VERSION_SK_PREFIX: &str = "V#";
 pub(crate) const SK_INPUT: &str = "INPUT";
 pub(crate) const SK_EVENT: &str = "EVENT";
 pub(crate) const PK_AUDIT: &str = "AUDIT";
@@ -93,6 +94,11 @@ pub(crate) fn rule_gsi1sk(order: i64, id: &str) -> String {
 
 pub(crate) fn run_pk(id: &str) -> String {
     format!("RUN#{id}")
+}
+
+/// The sort key of a run's version item.
+pub(crate) fn version_sk(version: u64) -> String {
+    format!("{VERSION_SK_PREFIX}{version:020}")
 }
 
 pub(crate) fn run_gsi2sk(created_at: Millis, id: &str) -> String {

@@ -395,12 +395,7 @@ async fn a_stale_save_conflicts_and_changes_nothing() {
     // Its message went out ahead of it, naming version 2: the worker finds version 2 as the other
     // writer made it, and handles the message against that, as any duplicate.
     assert_eq!(f.drain_sent().await, [(msg("r1", "b"), Some(2))]);
-    // A run that does not exist is a conflict too (nothing to update).
-    assert!(matches!(
-        f.store.save_run(&run("ghost", T0), 1, &none()).await,
-        Err(StoreError::Conflict(_))
-    ));
-    assert!(f.raw_run("ghost").await.is_none());
+    assert_eq!(f.raw_versions("r1").await.len(), 2);
 }
 
 #[tokio::test]
@@ -515,7 +510,8 @@ async fn a_writer_that_died_after_committing_is_finished_by_the_next_reader() {
 }
 
 #[tokio::test]
-async fn a_writer_meeting_a_pending_outbox_flushes_it_and_conflicts() {
+async fn a_pending_outbox_holds_up_no_writer_and_a_reader_sends_it_once_its_writer_is_presumed_dead()
+ {
     let f = fixture().await;
     let r = run("r1", T0);
     f.store.create_run(&r, &none()).await.unwrap();
@@ -525,48 +521,30 @@ async fn a_writer_meeting_a_pending_outbox_flushes_it_and_conflicts() {
             .await
             .unwrap()
     );
-    // Even at the right version the write is refused until the pending outbox is out. This one
-    // is young: the refused writer waits a little for its writer, then sends it itself, once.
+    // The outbox stays on version 2's item; version 3 is a new item beside it, so the next
+    // writer neither waits for it nor could overwrite it.
     let mut next = r.clone();
     next.status = RunStatus::Running;
-    let started = Instant::now();
-    let err = f
-        .store
-        .save_run(&next, 2, &sends(&[(news("r1", "mine"), 0)]))
-        .await
-        .unwrap_err();
-    assert!(matches!(err, StoreError::Conflict(_)), "{err:?}");
-    assert!(started.elapsed() < Duration::from_secs(5));
-    assert_eq!(f.drain().await, [news("r1", "left")]);
-    let raw = f.raw_run("r1").await.unwrap();
-    assert!(!raw.contains_key("outbox"));
-    assert_eq!(attr_n(&raw, "version"), Some(2));
-    // The caller reloads and applies again: now it goes through.
-    let (_, v) = f.store.load_run("r1").await.unwrap().unwrap();
     f.store
-        .save_run(&next, v, &sends(&[(news("r1", "mine"), 0)]))
+        .save_run(&next, 2, &sends(&[(news("r1", "mine"), 0)]))
         .await
         .unwrap();
     assert_eq!(f.drain().await, [news("r1", "mine")]);
+    let versions = f.raw_versions("r1").await;
+    assert_eq!(versions.len(), 3);
+    assert!(versions[1].contains_key("outbox"));
+    assert!(!versions[2].contains_key("outbox"));
+    // A reader leaves a young outbox to its writer, and sends one whose writer is presumed dead.
     assert_eq!(
         f.store.load_run("r1").await.unwrap().unwrap(),
         (next.clone(), 3)
     );
-
-    // An old pending outbox (its writer died a while ago) is sent at once by the refused writer.
-    assert!(
-        f.store
-            .save_run_without_flush(&next, 3, &sends(&[(news("r1", "orphan"), 0)]))
-            .await
-            .unwrap()
-    );
+    assert!(f.drain().await.is_empty());
     f.clock.advance(OUTBOX_GRACE_MS);
-    assert!(matches!(
-        f.store.save_run(&next, 4, &none()).await,
-        Err(StoreError::Conflict(_))
-    ));
-    assert_eq!(f.drain().await, [news("r1", "orphan")]);
-    f.store.save_run(&next, 4, &none()).await.unwrap();
+    f.store.load_run("r1").await.unwrap().unwrap();
+    assert_eq!(f.drain().await, [news("r1", "left")]);
+    assert!(!f.raw_versions("r1").await[1].contains_key("outbox"));
+    f.store.load_run("r1").await.unwrap().unwrap();
     assert_eq!(f.queued().await, 0);
 }
 
@@ -737,7 +715,8 @@ async fn a_600_kb_output_is_truncated_and_the_write_succeeds() {
     assert_eq!(last.event, "output_truncated");
     assert_eq!(last.at, T0 + 1_000);
     let raw = f.raw_run("big").await.unwrap();
-    assert!(riposte_aws::run_json_of_item(&raw).unwrap().len() <= 350 * 1024);
+    let body = inflated(&raw, "z").or_else(|| inflated(&raw, "p")).unwrap();
+    assert!(body.len() <= 350 * 1024, "{} bytes", body.len());
 }
 
 const DAY: i64 = 86_400_000;
@@ -748,15 +727,19 @@ fn retained_from(at: i64) -> Option<i64> {
 }
 
 #[tokio::test]
-async fn finished_runs_expire_after_retention_and_running_ones_do_not() {
+async fn a_runs_records_expire_together_retention_after_it_ends_and_a_day_at_most_later() {
     let f = fixture().await;
     let r = run("r1", T0);
     f.store.create_run(&r, &none()).await.unwrap();
-    assert!(!f.raw_run("r1").await.unwrap().contains_key("expires_at"));
-    // The input is given its expiry when written: retention after a day past its run's creation.
-    let input_expiry = retained_from(T0 + DAY);
+    // Every item of a chain carries its snapshot's time plus a day plus retention; the input,
+    // retention after a day past its run's creation.
+    let chain_expiry = retained_from(T0 + DAY);
+    assert_eq!(
+        attr_n(&f.raw_run("r1").await.unwrap(), "expires_at"),
+        chain_expiry
+    );
     let input = f.raw("RUN#r1", "INPUT").await.unwrap();
-    assert_eq!(attr_n(&input, "expires_at"), input_expiry);
+    assert_eq!(attr_n(&input, "expires_at"), chain_expiry);
     let mut done = r.clone();
     done.status = RunStatus::Succeeded;
     done.finished_at = Some(T0 + 10);
@@ -764,21 +747,42 @@ async fn finished_runs_expire_after_retention_and_running_ones_do_not() {
     let now = f.clock.advance(10_000);
     f.store.save_run(&done, 1, &none()).await.unwrap();
     let raw = f.raw_run("r1").await.unwrap();
-    let expiry = retained_from(now);
-    assert_eq!(attr_n(&raw, "expires_at"), expiry);
-    // A run ending within a day leaves its input as written: it expires after its run, by less
-    // than a day.
+    assert!(
+        raw.contains_key("p"),
+        "the finishing write is a patch of the same chain"
+    );
+    assert_eq!(attr_n(&raw, "expires_at"), chain_expiry);
+    // Kept at least retention after it ended, and at most a day more.
+    let expiry = chain_expiry.unwrap();
+    let ended = retained_from(now).unwrap();
+    assert!(
+        expiry >= ended && expiry < ended + 86_400,
+        "{expiry} vs {ended}"
+    );
+    // The input, as written: it never expires before its run.
     let input = f.raw("RUN#r1", "INPUT").await.unwrap();
-    assert_eq!(attr_n(&input, "expires_at"), input_expiry);
-    assert!(input_expiry > expiry && input_expiry < expiry.map(|e| e + 86_400));
+    assert_eq!(attr_n(&input, "expires_at"), chain_expiry);
     // A redelivered event creating the same run again does not make its input immortal.
     assert!(!f.store.create_run(&r, &none()).await.unwrap());
     let input = f.raw("RUN#r1", "INPUT").await.unwrap();
-    assert_eq!(attr_n(&input, "expires_at"), input_expiry);
+    assert_eq!(attr_n(&input, "expires_at"), chain_expiry);
+    // Once expired, the run is gone for readers even before DynamoDB deletes its items.
+    assert!(
+        f.store
+            .list_runs(10, None)
+            .await
+            .unwrap()
+            .iter()
+            .any(|s| s.id == "r1")
+    );
+    f.clock.set(expiry * 1000);
+    assert_eq!(f.store.load_run("r1").await.unwrap(), None);
+    assert!(f.store.list_runs(10, None).await.unwrap().is_empty());
+    assert_eq!(f.raw_versions("r1").await.len(), 2);
 }
 
 #[tokio::test]
-async fn a_run_older_than_a_day_extends_its_inputs_expiry_when_written() {
+async fn a_run_written_after_a_day_starts_a_new_chain_and_extends_its_inputs_expiry() {
     let f = fixture().await;
     let r = run("r1", T0);
     f.store.create_run(&r, &none()).await.unwrap();
@@ -788,10 +792,19 @@ async fn a_run_older_than_a_day_extends_its_inputs_expiry_when_written() {
     done.updated_at = T0 + 3 * DAY;
     f.clock.advance(3 * DAY);
     f.store.save_run(&done, 1, &none()).await.unwrap();
-    let run_expiry = attr_n(&f.raw_run("r1").await.unwrap(), "expires_at").unwrap();
+    let raw = f.raw_run("r1").await.unwrap();
+    assert!(
+        raw.contains_key("z"),
+        "a snapshot: the old chain expires first"
+    );
+    assert_eq!(attr_n(&raw, "base"), Some(2));
+    let run_expiry = attr_n(&raw, "expires_at").unwrap();
+    assert_eq!(Some(run_expiry), retained_from(T0 + 4 * DAY));
     let input = f.raw("RUN#r1", "INPUT").await.unwrap();
     assert_eq!(attr_n(&input, "expires_at"), retained_from(T0 + 4 * DAY));
-    assert!(attr_n(&input, "expires_at").unwrap() >= run_expiry);
+    // The first chain expired: the run reads from the second.
+    f.clock.set(retained_from(T0 + DAY).unwrap() * 1000);
+    assert_eq!(f.store.load_run("r1").await.unwrap().unwrap().0, done);
 }
 
 /// `r` waiting on its one step `step`, whose one iteration is `it`.
@@ -851,8 +864,7 @@ async fn the_input_is_written_once_and_each_step_rewrites_a_small_deflated_item(
     r.input = json!({"alert": {"raw": {"detail": "x".repeat(6_000)}, "title": "t"}});
     f.store.create_run(&r, &none()).await.unwrap();
     let raw = f.raw_run("r1").await.unwrap();
-    let stored: serde_json::Value =
-        serde_json::from_str(&riposte_aws::run_json_of_item(&raw).unwrap()).unwrap();
+    let stored: serde_json::Value = serde_json::from_str(&inflated(&raw, "z").unwrap()).unwrap();
     assert_eq!(stored["input"], json!(null), "the run item holds no input");
     let body = match raw.get("z") {
         Some(AttributeValue::B(b)) => b.as_ref().len(),
@@ -1020,13 +1032,19 @@ async fn a_waiting_runs_far_wake_is_kept_with_the_run_and_sent_by_the_timer_when
     assert_eq!(f.store.fire_due_wakes(due - 60_000).await.unwrap(), 0);
     assert_eq!(f.store.fire_due_wakes(due + 10_000).await.unwrap(), 1);
     assert_eq!(f.drain().await, [expiry]);
-    // Answered before, the run no longer waits for it: the index entry goes with the write.
+    // Answered, the run no longer waits for it: the new version has no wake. The superseded
+    // version's index entry stays until it comes due; the timer then reads the run, sends
+    // nothing, and takes that entry out of the index.
     let mut answered = waiting.clone();
     answered.status = RunStatus::Running;
     answered.steps[0].iterations[0].status = StepStatus::Succeeded;
     answered.steps[0].iterations[0].wake_at = None;
     f.store.save_run(&answered, 2, &none()).await.unwrap();
-    assert!(!f.raw_run("r1").await.unwrap().contains_key("gsi3pk"));
+    let versions = f.raw_versions("r1").await;
+    assert!(!versions[2].contains_key("gsi3pk"));
+    assert!(versions[1].contains_key("gsi3pk"));
     assert_eq!(f.store.fire_due_wakes(due + 120_000).await.unwrap(), 0);
     assert!(f.drain().await.is_empty());
+    assert!(!f.raw_versions("r1").await[1].contains_key("gsi3pk"));
+    assert_eq!(f.store.fire_due_wakes(due + 180_000).await.unwrap(), 0);
 }

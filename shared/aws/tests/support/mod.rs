@@ -224,9 +224,25 @@ pub async fn fixture() -> Fixture {
 }
 
 impl Fixture {
-    /// The raw run item, as DynamoDB holds it.
+    /// The run's latest version item, as DynamoDB holds it.
     pub async fn raw_run(&self, id: &str) -> Option<HashMap<String, AttributeValue>> {
-        self.raw(&format!("RUN#{id}"), "RUN").await
+        self.raw_versions(id).await.pop()
+    }
+
+    /// The run's version items, oldest first.
+    pub async fn raw_versions(&self, id: &str) -> Vec<HashMap<String, AttributeValue>> {
+        self.dynamo
+            .query()
+            .table_name(&self.table)
+            .key_condition_expression("pk = :pk AND begins_with(sk, :v)")
+            .expression_attribute_values(":pk", AttributeValue::S(format!("RUN#{id}")))
+            .expression_attribute_values(":v", AttributeValue::S("V#".into()))
+            .consistent_read(true)
+            .send()
+            .await
+            .expect("query the run's versions")
+            .items
+            .unwrap_or_default()
     }
 
     pub async fn raw(&self, pk: &str, sk: &str) -> Option<HashMap<String, AttributeValue>> {
@@ -398,4 +414,18 @@ pub fn attr_n(item: &HashMap<String, AttributeValue>, name: &str) -> Option<i64>
         Some(AttributeValue::N(v)) => v.parse().ok(),
         _ => None,
     }
+}
+
+/// A deflated binary attribute of an item (a run version's `z` snapshot or `p` patch), as text;
+/// `None` when the item has no such attribute.
+pub fn inflated(item: &HashMap<String, AttributeValue>, name: &str) -> Option<String> {
+    use std::io::Read;
+    let AttributeValue::B(b) = item.get(name)? else {
+        return None;
+    };
+    let mut text = String::new();
+    flate2::read::DeflateDecoder::new(b.as_ref())
+        .read_to_string(&mut text)
+        .expect("deflated text");
+    Some(text)
 }

@@ -246,6 +246,8 @@ struct Written {
     transactional: bool,
     /// The request sets or removes the gsi1 key.
     touches_gsi1: bool,
+    /// The request removes the gsi3 key (a superseded version's wake).
+    touches_gsi3: bool,
 }
 
 fn written_items(index: usize, call: &Call) -> Vec<Written> {
@@ -265,6 +267,7 @@ fn written_items(index: usize, call: &Call) -> Vec<Written> {
             conditional: body.get("ConditionExpression").is_some(),
             transactional,
             touches_gsi1: body.to_string().contains("gsi1pk"),
+            touches_gsi3: body.to_string().contains("gsi3pk"),
         }
     };
     match call.operation.as_str() {
@@ -433,10 +436,11 @@ fn write_costs(
     for obs in known.values_mut() {
         obs.sort_by_key(|(i, _)| *i);
     }
-    // An update that clears an outbox removes gsi1's key: the item as it stands after it.
+    // An update that clears an outbox removes gsi1's key, one that takes a superseded version
+    // out of the wake index gsi3's: the item as it stands after it.
     for w in writes
         .iter()
-        .filter(|w| w.kind == "Update" && w.touches_gsi1)
+        .filter(|w| w.kind == "Update" && (w.touches_gsi1 || w.touches_gsi3))
     {
         let Some(obs) = known.get_mut(&w.key) else {
             continue;
@@ -446,8 +450,13 @@ fn write_costs(
         };
         let mut after = last.clone();
         if let Some(m) = after.as_object_mut() {
-            for attr in ["gsi1pk", "gsi1sk", "outbox", "outbox_id"] {
-                m.remove(attr);
+            let removed: &[&str] = if w.touches_gsi1 {
+                &["gsi1pk", "gsi1sk", "outbox", "outbox_id"]
+            } else {
+                &["gsi3pk", "gsi3sk"]
+            };
+            for attr in removed {
+                m.remove(*attr);
             }
         }
         obs.push((w.call, after));
@@ -521,8 +530,10 @@ fn write_costs(
                     "Put" => view(&w.put_item),
                     "Delete" => None,
                     // The store's updates of an indexed item only remove gsi1's key (clearing
-                    // an outbox); any other update leaves the indexes as they were.
+                    // an outbox) or gsi3's (a superseded wake); any other update leaves the
+                    // indexes as they were.
                     _ if pk == "gsi1pk" && w.touches_gsi1 => None,
+                    _ if pk == "gsi3pk" && w.touches_gsi3 => None,
                     _ => before.clone(),
                 };
                 gsi += factor
@@ -822,6 +833,33 @@ async fn api_calls_and_cost() -> Moto {
     );
     a.log.phase("step-worker");
     let run = a.until(&id, "finished", |r| r.status.is_terminal()).await;
+    // Later, the timer's tick when the waiting version's wake comes due: that version was
+    // superseded by the decision, so the timer takes it out of the wake index and sends nothing.
+    a.log.phase("timer");
+    let due = a
+        .scan()
+        .await
+        .values()
+        .filter_map(|i| {
+            i["gsi3sk"]["S"]
+                .as_str()?
+                .split('#')
+                .next()?
+                .parse::<i64>()
+                .ok()
+        })
+        .min()
+        .expect("the waiting version's wake");
+    let sent = a
+        .store
+        .fire_due_wakes(due + riposte_aws::WAKE_GRACE_MS + 60_000)
+        .await
+        .unwrap();
+    assert_eq!(sent, 0, "a superseded wake sends nothing");
+    assert!(
+        a.scan().await.values().all(|i| i.get("gsi3sk").is_none()),
+        "the superseded wake is out of the index"
+    );
     a.log.enabled.store(false, Ordering::SeqCst);
     assert_eq!(
         run.status,
@@ -832,7 +870,19 @@ async fn api_calls_and_cost() -> Moto {
     assert_eq!(v.panos.requests().len(), 1, "the firewall was called once");
     let final_items = a.scan().await;
 
-    let calls = a.log.calls();
+    // The timer's queries of its indexes are made every minute whatever runs exist: a flat cost
+    // of the deployment, not of this run (its reading and cleaning of this run's items are).
+    let calls: Vec<Call> = a
+        .log
+        .calls()
+        .into_iter()
+        .map(|mut c| {
+            if c.phase == "timer" && c.request.get("IndexName").is_some() {
+                c.who = "timer tick (flat)";
+            }
+            c
+        })
+        .collect();
     let invocations = a.invocations.lock().unwrap().clone();
     let (busy_receives, empty_receives) = *a.receives.lock().unwrap();
     let step_messages: usize = invocations
@@ -853,12 +903,16 @@ async fn api_calls_and_cost() -> Moto {
         .filter(|s| s.status == StepStatus::Skipped)
         .map(|s| s.id.as_str())
         .collect();
-    let run_item = final_items
-        .get(&format!("RUN#{id}|RUN"))
-        .cloned()
-        .unwrap_or(Value::Null);
-    // The run body is stored deflated (`z`, base64 on the wire).
-    let run_body = run_item["z"]["B"].as_str().map_or(0, |b| b.len() * 3 / 4);
+    // The run's log: its version items, each a snapshot (`z`) or a patch (`p`), deflated (base64
+    // on the wire).
+    let versions: Vec<&Value> = final_items
+        .range(format!("RUN#{id}|V#")..format!("RUN#{id}|W"))
+        .map(|(_, v)| v)
+        .collect();
+    let body_of = |v: &Value, attr: &str| v[attr]["B"].as_str().map_or(0, |b| b.len() * 3 / 4);
+    let snapshots: usize = versions.iter().map(|v| body_of(v, "z")).sum();
+    let patches: usize = versions.iter().map(|v| body_of(v, "p")).sum();
+    let largest = versions.iter().map(|v| item_size(v)).max().unwrap_or(0);
 
     if let Some(path) = std::env::var_os("RIPOSTE_BENCH_DUMP_RUN") {
         std::fs::write(
@@ -884,8 +938,9 @@ async fn api_calls_and_cost() -> Moto {
          page, POST the decision)."
     );
     println!(
-        "Run item at the end: {} bytes as DynamoDB sizes it (run body {run_body} bytes, deflated).",
-        item_size(&run_item)
+        "Run log at the end: {} version items; bodies deflated: snapshots {snapshots} bytes, \
+         patches {patches} bytes; the largest item {largest} bytes as DynamoDB sizes it.",
+        versions.len()
     );
     println!();
     println!("Every request, by who sent it, phase, service and operation (attempts, as billed):");
@@ -1060,6 +1115,7 @@ async fn api_calls_and_cost() -> Moto {
         ("alert-created (ingest)", Some("alert-created"), 0),
         ("step-worker", Some("step-worker"), esm_busy),
         ("approval-response", Some("approval-response"), 0),
+        ("timer (wake due later)", Some("timer"), 0),
         ("whole run", None, esm_busy),
     ] {
         let (w, gsi, r, sqs) = tally(phase);
@@ -1185,8 +1241,8 @@ async fn api_calls_and_cost() -> Moto {
     );
     println!(
         "Units are estimated from the items' sizes seen on the wire (each write at the larger of \
-         the item before and after it; the run item grows to {} bytes).",
-        item_size(&run_item)
+         the item before and after it; each version of the run is a new item, the largest {largest} \
+         bytes)."
     );
     println!();
     println!(

@@ -36,7 +36,8 @@ fn code_uses(binary: &str) -> &'static [&'static str] {
         "alert-created" | "recommendation-created" => &[
             // Store::get_playbook via Service::latest_playbook and Service::playbook (head, then
             // the pinned version); DynamoStore::refused / flush_refused read the run item when
-            // a redelivered event's create_run is refused; from_env's warm-up read.
+            // a redelivered event's create_run is refused (the version 1 item); from_env's warm-up
+            // read.
             "dynamodb:GetItem",
             // Store::create_run (commit_run's conditional put), Store::put_event, and put_timer
             // when a new run's first message is due more than 15 minutes out.
@@ -66,7 +67,8 @@ fn code_uses(binary: &str) -> &'static [&'static str] {
             // DELETE /rules/{id}: Store::delete_rule.
             "dynamodb:DeleteItem",
             // GET /audit (list_audit, on the table), GET /rules and GET /playbooks and rule
-            // evaluation for POST /events (gsi1), GET /runs (query_runs, gsi2).
+            // evaluation for POST /events (gsi1), GET /runs (query_runs: gsi2, then each run's
+            // latest version item on the table).
             "dynamodb:Query",
             // DynamoStore::flush after create_run / save_run: the steps that became ready.
             "sqs:SendMessage",
@@ -80,7 +82,7 @@ fn code_uses(binary: &str) -> &'static [&'static str] {
             "dynamodb:PutItem",
             // DynamoStore::clear_outbox; expire_input when a run older than a day is written.
             "dynamodb:UpdateItem",
-            // DynamoStore::read_run: one query of the run's partition (run and input items).
+            // DynamoStore::read_run: one query of the run's partition (version and input items).
             "dynamodb:Query",
             // DynamoStore::flush: the steps the decision made ready.
             "sqs:SendMessage",
@@ -95,7 +97,7 @@ fn code_uses(binary: &str) -> &'static [&'static str] {
             "dynamodb:PutItem",
             // DynamoStore::clear_outbox; expire_input when a run older than a day is written.
             "dynamodb:UpdateItem",
-            // DynamoStore::read_run: one query of the run's partition (run and input items).
+            // DynamoStore::read_run: one query of the run's partition (version and input items).
             "dynamodb:Query",
             // Lambda's SQS event source mapping polls the step queue with the function's role.
             "sqs:ReceiveMessage",
@@ -127,11 +129,12 @@ fn code_uses(binary: &str) -> &'static [&'static str] {
             // fire_due_wakes (WAKE#<n>, gsi3) and the runs it reads (read_run, on the table).
             "dynamodb:Query",
             // fire_shard claims a due timer with a conditional update; clear_outbox;
-            // expire_input for a run fire_due_wakes writes again.
+            // expire_input for a run fire_due_wakes writes again; remove_wake takes a
+            // superseded version out of the wake index.
             "dynamodb:UpdateItem",
             // fire_shard deletes a fired timer.
             "dynamodb:DeleteItem",
-            // flush_stale_outboxes reads the run itself (get_run_item): the index lags;
+            // flush_stale_outboxes reads the item itself (get_item_at): the index lags;
             // from_env's warm-up read.
             "dynamodb:GetItem",
             // flush -> put_timer for an outbox message due more than 15 minutes out;

@@ -2,9 +2,11 @@
 //! without a distributed transaction.
 //!
 //! Guarantee (the [`Store`] contract, kept across two services): a run write commits the run's
-//! new state and the child runs it creates in **one conditional DynamoDB write**, only if the run
-//! is still at the version that was read and no earlier outbox is pending; otherwise no record
-//! changes and the caller gets [`StoreError::Conflict`]. Its step messages go one of two ways:
+//! new state and the child runs it creates in **one conditional DynamoDB write**: the put of
+//! the run's next version item, refused if another writer made that version first (a run is a
+//! log of version items, each a snapshot or a patch of the one before: [`runlog`]); then no
+//! record changes and the caller gets [`StoreError::Conflict`]. Its step messages go one of two
+//! ways:
 //!
 //! - **Sent ahead**, when every one is due within SQS's 15-minute delay and is for this run or a
 //!   child the write creates (nearly always): sent to SQS before the write, each naming the
@@ -18,19 +20,19 @@
 //!   work (the step message delivered again, the event Lambda retries, the human answering
 //!   again, the approval's expiry). Nothing is left to clear.
 //! - **In an outbox** otherwise (a message for another run, a timer due later): the write stores
-//!   them as the item's `outbox`; they are then sent to SQS (or, due more than 15 minutes out,
-//!   written as timer items) and only then is the outbox removed, conditioned on its id. A
-//!   process that dies in between leaves the outbox on the item, and the next reader
-//!   ([`Store::load_run`]), the next writer (refused until it is flushed), a duplicate
-//!   [`Store::create_run`], or the timer function's sweep ([`DynamoStore::flush_stale_outboxes`])
-//!   sends it. A reader leaves an outbox younger than [`OUTBOX_GRACE_MS`] to its writer (most
-//!   likely still sending it), and a writer refused by one waits briefly for it to be cleared
-//!   before sending it itself.
+//!   them as its version item's `outbox`; they are then sent to SQS (or, due more than 15 minutes
+//!   out, written as timer items) and only then is the outbox removed, conditioned on its id. A
+//!   process that dies in between leaves the outbox on that item, and the next reader
+//!   ([`Store::load_run`]), a duplicate [`Store::create_run`], or the timer function's sweep
+//!   ([`DynamoStore::flush_stale_outboxes`]) sends it. A reader leaves an outbox younger than
+//!   [`OUTBOX_GRACE_MS`] to its writer (most likely still sending it). Later writes do not wait
+//!   for it: each version is its own item, so none can overwrite another's outbox.
 //!
 //! A message the run itself waits for ([`riposte_core::run::Run::wakes`]: an approval's expiry,
-//! a wait's end) due more than 15 minutes out is sent neither way: the run item carries its
-//! earliest wake in an index, written by that same conditional write, and
-//! [`DynamoStore::fire_due_wakes`] sends it when due. So no message a committed write enqueued is
+//! a wait's end) due more than 15 minutes out is sent neither way: the version item carries the
+//! run's earliest wake in an index, written by that same conditional write, and
+//! [`DynamoStore::fire_due_wakes`] sends it when due (and takes superseded versions' wakes out
+//! of the index as they come due). So no message a committed write enqueued is
 //! ever lost; one may be sent twice, which the engine treats as stale.
 //!
 //! The table layout is in [`table`]; create it with [`create_table`].
@@ -38,7 +40,7 @@
 mod item;
 mod outbox;
 mod pack;
-mod runlog;
+pub mod runlog;
 mod runs;
 pub mod secrets;
 mod size;

@@ -11,14 +11,15 @@
 //!
 //! A **chain** is a snapshot and the patches that follow it. A writer patches only from the
 //! version it knows exactly (the one it read or wrote itself, kept in memory by
-//! [`Recent`]); otherwise, or when the chain is a day old or has grown past
+//! `Recent`); otherwise, or when the chain is a day old or has grown past
 //! [`MAX_CHAIN_BYTES`], it writes a snapshot. Every item of a chain carries the chain's expiry
 //! (the snapshot's time, plus a day, plus the retention), so a chain expires as a whole, and a
 //! run written at least daily (the timer writes a run that waits longer) never loses the chain
 //! it reads. A reader queries the partition newest first and applies the latest chain.
 //!
-//! Guarantee: [`Chain::run_json`] returns exactly the JSON the writer of the latest version
-//! stored, or fails as corrupt naming the version; it never returns an older state as current.
+//! Guarantee: a reader (`Chain::run_json`) gets exactly the JSON the writer of the latest
+//! version stored, or fails as corrupt naming the version; it never returns an older state as
+//! current.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -44,9 +45,9 @@ pub(crate) const BASE_ATTRIBUTE: &str = "base";
 pub(crate) const SNAP_AT_ATTRIBUTE: &str = "snap_at";
 /// A chain whose deflated bodies come to more than this gets a new snapshot: a reader's query
 /// stays within a few 4 KB read units.
-pub(crate) const MAX_CHAIN_BYTES: usize = 8 * 1024;
+pub const MAX_CHAIN_BYTES: usize = 8 * 1024;
 /// A chain older than this gets a new snapshot, so that a live run's chain never expires.
-pub(crate) const MAX_CHAIN_AGE_MS: Millis = crate::runs::INPUT_HORIZON_MS;
+pub const MAX_CHAIN_AGE_MS: Millis = crate::runs::INPUT_HORIZON_MS;
 /// Runs remembered per process; beyond this the memory is cleared (the next write of a
 /// forgotten run is a snapshot, which is correct, only larger).
 const RECENT_RUNS: usize = 256;
@@ -139,9 +140,10 @@ pub(crate) fn encode(
 }
 
 impl Encoded {
-    /// The attributes that put this body and its chain on a version item.
-    pub fn attributes(&self) -> [(String, AttributeValue); 3] {
-        [
+    /// The attributes that put this body and its chain on a version item (the chain's time on
+    /// its snapshot only).
+    pub fn attributes(&self) -> Vec<(String, AttributeValue)> {
+        let mut out = vec![
             (
                 self.attribute.to_string(),
                 AttributeValue::B(Blob::new(self.bytes.clone())),
@@ -150,11 +152,14 @@ impl Encoded {
                 BASE_ATTRIBUTE.to_string(),
                 AttributeValue::N(self.recent.base.to_string()),
             ),
-            (
+        ];
+        if self.is_snapshot() {
+            out.push((
                 SNAP_AT_ATTRIBUTE.to_string(),
                 AttributeValue::N(self.recent.snap_at.to_string()),
-            ),
-        ]
+            ));
+        }
+        out
     }
 
     pub fn is_snapshot(&self) -> bool {
@@ -232,7 +237,7 @@ impl<'a> Chain<'a> {
             version: self.version()?,
             json,
             base: first.num("version")?,
-            snap_at: self.last().num(SNAP_AT_ATTRIBUTE)?,
+            snap_at: first.num(SNAP_AT_ATTRIBUTE)?,
             chain_bytes,
         })
     }

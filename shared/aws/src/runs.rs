@@ -1,7 +1,9 @@
 //! Runs, their outbox, and timers.
 //!
-//! Guarantee: the conditional write in [`DynamoStore::commit_run`] is the only place a run item
-//! changes state, and it refuses to write while an earlier outbox is pending. A write's messages
+//! Guarantee: the conditional put in [`DynamoStore::commit_run`] is the only place a run
+//! changes state: it adds the item of the next version, refused if that version exists (the
+//! run's log: [`crate::runlog`]). Items are never rewritten but to clear their outbox, take a
+//! superseded wake out of the index, or extend an input's expiry. A write's messages
 //! are sent before it when they can be, each naming the version the write brings its run to
 //! (`DynamoStore::send_ahead`); the others go in its outbox. An outbox is removed only by
 //! [`DynamoStore::flush`], after every one of its messages was accepted by SQS or written as a
@@ -125,23 +127,27 @@ impl DynamoStore {
         self.expiry(snap_at.saturating_add(MAX_CHAIN_AGE_MS))
     }
 
-    /// The version item without its outbox; `body` is its snapshot or patch.
+    /// The version item without its outbox; `body` is its snapshot or patch. A patch item
+    /// carries only what changes (billed by the KB, it stays under one); a snapshot also what
+    /// does not, and lists the run in the runs index.
     fn run_item(&self, run: &Run, version: u64, body: &Encoded) -> Item {
         let mut item = key(run_pk(&run.id), version_sk(version));
         item.extend(body.attributes());
         item.extend([
-            ("id".to_string(), s(&run.id)),
             ("version".to_string(), n(version)),
             ("status".to_string(), s(run.status.as_str())),
-            ("playbook_id".to_string(), s(&run.playbook_id)),
-            ("playbook_version".to_string(), n(run.playbook_version)),
-            ("created_at".to_string(), n(run.created_at)),
-            ("updated_at".to_string(), n(run.updated_at)),
         ]);
         if body.is_snapshot() {
-            // Listed by each snapshot, so that a run stays listed as its older chains expire.
-            item.insert("gsi2pk".into(), s(GSI2_RUNS));
-            item.insert("gsi2sk".into(), s(run_gsi2sk(run.created_at, &run.id)));
+            item.extend([
+                ("id".to_string(), s(&run.id)),
+                ("playbook_id".to_string(), s(&run.playbook_id)),
+                ("playbook_version".to_string(), n(run.playbook_version)),
+                ("created_at".to_string(), n(run.created_at)),
+                ("updated_at".to_string(), n(run.updated_at)),
+                // Listed by each snapshot, so that a run stays listed as its older chains expire.
+                ("gsi2pk".to_string(), s(GSI2_RUNS)),
+                ("gsi2sk".to_string(), s(run_gsi2sk(run.created_at, &run.id))),
+            ]);
         }
         if let Some(at) = run.finished_at {
             item.insert("finished_at".into(), n(at));
@@ -462,8 +468,9 @@ impl DynamoStore {
         }
     }
 
-    /// Sees to the outbox pending on a run whose write was refused. `item` is the run item as it
-    /// stood at the refusal (`None`: read it now). An outbox younger than
+    /// Sees to the outbox pending on the first version of a run whose creation was refused (a
+    /// redelivered event: its first creator may have died before sending). `item` is that
+    /// version's item as it stood at the refusal (`None`: read it now). An outbox younger than
     /// [`OUTBOX_GRACE_MS`] most likely belongs to a writer still sending it: this waits (about
     /// 1.5 s at most, re-reading) for that writer to clear it, so that its messages are not all
     /// sent twice. One that is older, or still there after the wait, is flushed here.
@@ -949,8 +956,7 @@ impl DynamoStore {
                     .commit_run(&touched, Some(version), &Effects::default())
                     .await?
                 {
-                    Commit::Refused(item) => self.flush_refused(&run_id, item).await?,
-                    Commit::Done(_) | Commit::ChildExists(_) => {}
+                    Commit::Refused(_) | Commit::Done(_) | Commit::ChildExists(_) => {}
                 }
                 continue;
             }
@@ -1011,7 +1017,7 @@ impl DynamoStore {
                     .await
                     .map_err(|e| unavailable(&format!("reading {index}"), e))?;
                 for item in page.items() {
-                    ids.push((item.str("id")?.to_string(), item.str("sk")?.to_string()));
+                    ids.push((run_id_of(item)?.to_string(), item.str("sk")?.to_string()));
                 }
                 start = page.last_evaluated_key;
                 if start.is_none() {
@@ -1052,18 +1058,25 @@ impl DynamoStore {
                 .send()
                 .await
                 .map_err(|e| unavailable("listing runs", e))?;
-            let ids: Vec<String> = page
-                .items()
-                .iter()
-                .filter_map(|i| i.opt_str("pk")?.strip_prefix("RUN#").map(str::to_string))
-                .filter(|id| seen.insert(id.clone()))
-                .collect();
+            let mut listed = Vec::new();
+            for i in page.items() {
+                let run = listed_run(i)?;
+                if seen.insert(run.id.clone()) {
+                    listed.push(run);
+                }
+            }
+            let ids: Vec<&str> = listed.iter().map(|r| r.id.as_str()).collect();
+            let latest = self.latest_summaries(&ids).await?;
             // In the index's order; a run gone meanwhile (expired) is left out.
-            for summary in self.latest_summaries(&ids).await? {
-                let Some(run) = summary else { continue };
-                if status.is_some_and(|st| st != run.status) {
+            for (mut run, latest) in listed.into_iter().zip(latest) {
+                let Some((st, finished_at)) = latest else {
+                    continue;
+                };
+                if status.is_some_and(|want| want != st) {
                     continue;
                 }
+                run.status = st;
+                run.finished_at = finished_at;
                 out.push(run);
                 if out.len() >= limit {
                     return Ok(out);
@@ -1077,11 +1090,12 @@ impl DynamoStore {
         Ok(out)
     }
 
-    /// The summary of each run's latest version item, in the order given (`None`: expired).
+    /// The status (and end) of each run's latest version item, in the order given (`None`:
+    /// expired).
     async fn latest_summaries(
         &self,
-        ids: &[String],
-    ) -> Result<Vec<Option<RunSummary>>, StoreError> {
+        ids: &[&str],
+    ) -> Result<Vec<Option<(RunStatus, Option<Millis>)>>, StoreError> {
         let mut out = vec![None; ids.len()];
         let mut next = ids.iter().enumerate();
         let mut in_flight = tokio::task::JoinSet::new();
@@ -1098,9 +1112,7 @@ impl DynamoStore {
                         (":pk", s(run_pk(id))),
                         (":v", s(VERSION_SK_PREFIX)),
                     ]))
-                    .projection_expression(
-                        "id, #status, playbook_id, playbook_version, created_at, finished_at, #ttl",
-                    )
+                    .projection_expression("#status, finished_at, #ttl")
                     .set_expression_attribute_names(names([
                         ("#status", "status"),
                         ("#ttl", TTL_ATTRIBUTE),
@@ -1117,24 +1129,47 @@ impl DynamoStore {
             let page = res.map_err(|e| unavailable("listing runs", e))?;
             let now = self.clock.now();
             if let Some(item) = page.items().first().filter(|i| !expired(i, now)) {
-                out[i] = Some(summary(item)?);
+                let status = item.str("status")?;
+                let finished_at = item
+                    .get("finished_at")
+                    .map(|_| item.num("finished_at"))
+                    .transpose()?;
+                out[i] = Some((
+                    from_json("run status", &format!("\"{status}\""))?,
+                    finished_at,
+                ));
             }
         }
     }
 }
 
-fn summary(item: &Item) -> Result<RunSummary, StoreError> {
-    let status = item.str("status")?;
+/// A run as the runs index lists it (its status is read from its latest version).
+fn listed_run(entry: &Item) -> Result<RunSummary, StoreError> {
+    let created_at = entry
+        .str("gsi2sk")?
+        .split('#')
+        .next()
+        .and_then(|at| at.parse().ok())
+        .ok_or_else(|| {
+            StoreError::Corrupt(format!("run {}: gsi2sk", run_id_of(entry).unwrap_or("?")))
+        })?;
     Ok(RunSummary {
-        id: item.str("id")?.to_string(),
-        playbook_id: item.str("playbook_id")?.to_string(),
-        playbook_version: item.num("playbook_version")?,
-        status: from_json("run status", &format!("\"{status}\""))?,
-        created_at: item.num("created_at")?,
-        finished_at: item
-            .get("finished_at")
-            .map(|_| item.num("finished_at"))
-            .transpose()?,
+        id: run_id_of(entry)?.to_string(),
+        playbook_id: entry.str("playbook_id")?.to_string(),
+        playbook_version: entry.num("playbook_version")?,
+        status: RunStatus::Queued,
+        created_at,
+        finished_at: None,
+    })
+}
+
+/// The run id of an item of a run's partition.
+fn run_id_of(item: &Item) -> Result<&str, StoreError> {
+    item.str("pk")?.strip_prefix("RUN#").ok_or_else(|| {
+        StoreError::Corrupt(format!(
+            "item {}: not a run's",
+            item.opt_str("pk").unwrap_or("?")
+        ))
     })
 }
 

@@ -467,13 +467,12 @@ impl Store for DynamoStore {
                 self.flush_after_commit(&run.id, outbox).await;
                 Ok(())
             }
-            Commit::Refused(existing) => {
-                self.flush_refused(&run.id, existing).await?;
-                Err(StoreError::Conflict(format!(
-                    "run {} is no longer at version {version}",
-                    run.id
-                )))
-            }
+            // The other writer's outbox, if any, is on its own item: its writer, the next
+            // reader or the sweep sends it; nothing here waits for it.
+            Commit::Refused(_) => Err(StoreError::Conflict(format!(
+                "run {} is no longer at version {version}",
+                run.id
+            ))),
             Commit::ChildExists(child) => Err(StoreError::Conflict(format!(
                 "run {}: child run {child} exists already",
                 run.id

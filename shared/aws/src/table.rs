@@ -6,28 +6,35 @@
 //! | playbook head     | `PB#<id>`            | `HEAD`                      | `PLAYBOOKS` / `<id>`              |                         |
 //! | rule              | `RULE#<id>`          | `RULE`                      | `RULES#<kind>` / `<order:020>#<id>` |                       |
 //! | run input         | `RUN#<id>`           | `INPUT`                     |                                   |                         |
-//! | run               | `RUN#<id>`           | `RUN`                       | while its outbox is pending: `OUTBOX#<0..15>` / `<written:020>#<id>` | `RUNS` / `<created:020>#<id>` |
+//! | run version       | `RUN#<id>`           | `V#<version:020>`           | while its outbox is pending: `OUTBOX#<0..15>` / `<written:020>#<id>` | snapshots: `RUNS` / `<created:020>#<id>` |
 //! | event record      | `EVENT#<id>`         | `EVENT`                     |                                   |                         |
 //! | audit entry       | `AUDIT`              | `<at:020>#<seq>#<unique>`   |                                   |                         |
 //! | timer             | `TIMERS#<0..15>`     | `<due ms:020>#<unique>`     |                                   |                         |
 //!
-//! A waiting run also has gsi3 `WAKE#<0..15>` / `<earliest wake:020>#<id>`: the messages it
-//! waits for ([`riposte_core::run::Run::wakes`]) are not queued when due beyond SQS's 15-minute
-//! delay; the timer finds the run by this index when the first is due, and sends them.
+//! A waiting run's version item also has gsi3 `WAKE#<0..15>` / `<earliest wake:020>#<id>`: the
+//! messages it waits for ([`riposte_core::run::Run::wakes`]) are not queued when due beyond
+//! SQS's 15-minute delay; the timer finds the run by this index when the first is due, and
+//! sends them (a superseded version's entry is removed then).
 //!
-//! A run item also holds `id`, `version` (N), `status`, `playbook_id`, `playbook_version`,
-//! `created_at`, `updated_at`, `finished_at` (once finished), `z` (the run as JSON without its
-//! input, deflated: [`crate::run_of_item`] reads it), `write_id` (names the write that stored it)
-//! and, while messages are pending, `outbox` (their compact JSON) and `outbox_id`. The run's input
-//! (the alert, often the largest part) is written once, before the run, as the `INPUT` item of
-//! the same partition (`z`: its JSON, deflated), so that the item rewritten at every step stays
-//! small; one query of the partition reads both. A timer holds `body` (the step message as
-//! JSON), `run_id`, `due_at` and, while being fired, `claim`/`claim_until`.
+//! A run is a log of version items ([`crate::runlog`]): each write puts the next one. Every
+//! version item holds `version` (N), `status`, `base` (the version of the snapshot its chain
+//! starts from), `write_id` (names the write that stored it), `finished_at` (once finished),
+//! `expires_at` (its chain's), and either `z` (a snapshot: the run as JSON without its input,
+//! deflated) or `p` (a JSON Patch from version N-1, deflated); and, while messages are pending,
+//! `outbox` (their compact JSON) and `outbox_id`. A snapshot also holds `id`, `playbook_id`,
+//! `playbook_version`, `created_at`, `updated_at` and `snap_at` (when it was written), and
+//! lists the run in gsi2. The run's input (the alert, often the largest part) is written once,
+//! before the run, as the `INPUT` item of the same partition (`z`: its JSON, deflated); one
+//! query of the partition, newest first, reads the versions and the input. A timer holds `body`
+//! (the step message as JSON), `run_id`, `due_at` and, while being fired,
+//! `claim`/`claim_until`.
 //!
 //! Orders are shifted to non-negative (`order + 2^63`) so that the zero-padded decimal sorts like
-//! the number. `expires_at` (epoch seconds) is the table's TTL attribute: terminal runs, inputs
-//! (from when they are written: see [`crate::INPUT_HORIZON_MS`]) and event records get one;
-//! playbooks, rules, audit entries and timers never do.
+//! the number. `expires_at` (epoch seconds) is the table's TTL attribute: run versions (their
+//! chain's snapshot time, plus a day, plus the retention), inputs (from when they are written:
+//! see [`crate::INPUT_HORIZON_MS`]) and event records get one; playbooks, rules, audit entries
+//! and timers never do. Readers leave out an item whose expiry has passed, as DynamoDB deletes
+//! it only eventually.
 
 use std::time::Duration;
 
@@ -164,10 +171,11 @@ fn string_attribute(name: &str) -> AttributeDefinition {
 pub const GSI1_ATTRIBUTES: &[&str] = &["id", "rule", "latest", "deleted"];
 /// What gsi3 copies: the run's id (the timer reads the run itself).
 pub const GSI3_ATTRIBUTES: &[&str] = &["id"];
-/// What gsi2 copies: nothing but the keys (`KEYS_ONLY`). `list_runs` reads the runs it finds
-/// there, so the copy is written once, when the run is created, and never again: a projected
-/// status would rewrite it at every status change, on one index partition shared by every run.
-pub const GSI2_ATTRIBUTES: &[&str] = &[];
+/// What gsi2 copies: what never changes of a run. Only snapshot items are listed (so the copy
+/// is written when the run is created, and once a day for a run living longer); `list_runs`
+/// reads each listed run's status from its latest version. A projected status would rewrite the
+/// copy at every status change, on one index partition shared by every run.
+pub const GSI2_ATTRIBUTES: &[&str] = &["playbook_id", "playbook_version"];
 
 fn index(name: &str, pk: &str, sk: &str, attributes: &[&str]) -> GlobalSecondaryIndex {
     GlobalSecondaryIndex::builder()

@@ -118,6 +118,8 @@ pub struct DynamoStore {
     clock: Arc<dyn Clock>,
     /// The run versions this process knows exactly, to write the next as a patch.
     recent: runlog::RecentRuns,
+    /// The reads of a run in flight, shared by the callers that want it at once.
+    reads: std::sync::Mutex<std::collections::HashMap<String, Arc<runs::SharedRead>>>,
 }
 
 impl DynamoStore {
@@ -134,6 +136,7 @@ impl DynamoStore {
             config,
             clock,
             recent: runlog::RecentRuns::default(),
+            reads: std::sync::Mutex::default(),
         }
     }
 

@@ -11,6 +11,7 @@
 //! after SQS accepted its message.
 
 use std::collections::HashSet;
+use std::sync::Arc;
 
 use aws_sdk_dynamodb::operation::put_item::PutItemError;
 use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
@@ -283,8 +284,13 @@ impl DynamoStore {
                 ("gsi1sk".to_string(), s(outbox_gsi1sk(now, &run.id))),
             ]);
         }
-        // Until it is known to have landed, this process knows no version of the run exactly.
+        // Until it is known to have landed, this process knows no version of the run exactly;
+        // and a read begun after this write must not share one begun before it.
         self.recent.forget(&run.id);
+        self.reads
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&run.id);
         match self.put_version(run, item, &token, fx, now).await? {
             Landing::Landed => {
                 self.recent.remember(&run.id, encoded.recent);
@@ -530,7 +536,33 @@ impl DynamoStore {
     /// A run and its version: its latest chain applied ([`crate::runlog`]), with its input;
     /// first flushes the pending outboxes whose writer is presumed dead (step 4 of the protocol).
     /// A younger one is left to its writer.
+    ///
+    /// Reads of one run made at once in this process (the messages of one batch) share one
+    /// query: a read joins one in flight, whose result is as current as its own would be. A
+    /// write of the run by this process ends the sharing, so that no read begun after that write
+    /// is answered with what was read before it.
     pub(crate) async fn read_run(&self, run_id: &str) -> Result<Option<(Run, u64)>, StoreError> {
+        let flight = {
+            let mut map = self.reads.lock().unwrap_or_else(|p| p.into_inner());
+            map.entry(run_id.to_string()).or_default().clone()
+        };
+        let res = flight
+            .get_or_try_init(|| self.read_run_once(run_id))
+            .await
+            .cloned();
+        self.land_read(run_id, &flight);
+        res
+    }
+
+    /// Ends a shared read of a run (see [`Self::read_run`]), if it is still the one in flight.
+    fn land_read(&self, run_id: &str, flight: &Arc<SharedRead>) {
+        let mut map = self.reads.lock().unwrap_or_else(|p| p.into_inner());
+        if map.get(run_id).is_some_and(|f| Arc::ptr_eq(f, flight)) {
+            map.remove(run_id);
+        }
+    }
+
+    async fn read_run_once(&self, run_id: &str) -> Result<Option<(Run, u64)>, StoreError> {
         let Some(log) = self.read_log(run_id).await? else {
             return Ok(None);
         };
@@ -1209,6 +1241,10 @@ async fn send_batch(
         entries.len()
     )))
 }
+
+/// A read of one run shared by the callers that want it at once (see
+/// [`DynamoStore::read_run`]).
+pub(crate) type SharedRead = tokio::sync::OnceCell<Option<(Run, u64)>>;
 
 /// The deflated body of a run's input item.
 pub(crate) const BODY_ATTRIBUTE: &str = "z";

@@ -4,6 +4,8 @@
 mod support;
 
 use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use aws_sdk_dynamodb::types::{AttributeValue, BillingMode, ProjectionType, TimeToLiveStatus};
@@ -1081,4 +1083,124 @@ async fn a_waiting_runs_far_wake_is_kept_with_the_run_and_sent_by_the_timer_when
     assert!(f.drain().await.is_empty());
     assert!(!f.raw_versions("r1").await[1].contains_key("gsi3pk"));
     assert_eq!(f.store.fire_due_wakes(due + 180_000).await.unwrap(), 0);
+}
+
+/// Counts the DynamoDB requests of one operation (by its `X-Amz-Target`).
+#[derive(Debug, Clone)]
+struct CountOp(&'static str, Arc<AtomicUsize>);
+
+impl aws_sdk_dynamodb::config::Intercept for CountOp {
+    fn name(&self) -> &'static str {
+        "count-op"
+    }
+
+    fn read_before_transmit(
+        &self,
+        context: &aws_sdk_dynamodb::config::interceptors::BeforeTransmitInterceptorContextRef<'_>,
+        _: &aws_sdk_dynamodb::config::RuntimeComponents,
+        _: &mut aws_sdk_dynamodb::config::ConfigBag,
+    ) -> Result<(), aws_sdk_dynamodb::error::BoxError> {
+        let target = context.request().headers().get("x-amz-target");
+        if target.is_some_and(|t| t.ends_with(&format!(".{}", self.0))) {
+            self.1.fetch_add(1, Ordering::SeqCst);
+        }
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn reads_of_one_run_made_at_once_share_one_query_and_none_outlives_a_write() {
+    let f = fixture().await;
+    let queries = Arc::new(AtomicUsize::new(0));
+    let sdk = sdk_config(&moto().endpoint).await;
+    let counted = aws_sdk_dynamodb::Client::from_conf(
+        aws_sdk_dynamodb::config::Builder::from(&sdk)
+            .interceptor(CountOp("Query", queries.clone()))
+            .build(),
+    );
+    let store = riposte_aws::DynamoStore::new(
+        counted,
+        f.sqs.clone(),
+        riposte_aws::AwsConfig {
+            table: f.table.clone(),
+            queue_url: f.queue_url.clone(),
+            retention_days: RETENTION_DAYS,
+        },
+        f.clock.clone(),
+    );
+    let r = run("r1", T0);
+    store.create_run(&r, &none()).await.unwrap();
+    // Three messages of the run in one batch load it at once: one query answers all three.
+    let loads = tokio::join!(
+        store.load_run("r1"),
+        store.load_run("r1"),
+        store.load_run("r1")
+    );
+    assert_eq!(queries.load(Ordering::SeqCst), 1);
+    for l in [loads.0, loads.1, loads.2] {
+        assert_eq!(l.unwrap(), Some((r.clone(), 1)));
+    }
+    // Once it has landed, a new read queries again and sees the write that came after.
+    let mut next = r.clone();
+    next.status = RunStatus::Running;
+    store.save_run(&next, 1, &none()).await.unwrap();
+    assert_eq!(store.load_run("r1").await.unwrap(), Some((next, 2)));
+    assert_eq!(queries.load(Ordering::SeqCst), 2);
+}
+
+/// What DynamoDB bills a write of `item` by, about: its attribute names and values.
+fn billed_bytes(item: &std::collections::HashMap<String, AttributeValue>) -> usize {
+    item.iter()
+        .map(|(k, v)| {
+            k.len()
+                + match v {
+                    AttributeValue::S(s) => s.len(),
+                    AttributeValue::N(n) => n.len(),
+                    AttributeValue::B(b) => b.as_ref().len(),
+                    _ => 1,
+                }
+        })
+        .sum()
+}
+
+#[tokio::test]
+async fn a_step_of_a_large_run_writes_only_what_it_changed() {
+    let f = fixture().await;
+    // A loop over 150 entities, each iteration's output a vendor's answer: a run far above 1 KB.
+    let mut r = run("wide", T0);
+    r.status = RunStatus::Running;
+    r.steps = vec![StepState {
+        id: "disable_users".into(),
+        status: StepStatus::Running,
+        iterations: (0..150)
+            .map(|i| {
+                let mut it = Iteration::new(Some(json!(format!("user{i}@example.com"))));
+                it.status = StepStatus::Succeeded;
+                it.output = Some(json!({"id": format!("{i:08x}-5f1c-4b8e-9d7a-{:012x}", i * 7919), "accountEnabled": false}));
+                it
+            })
+            .collect(),
+        looped: true,
+        output: None,
+        error: None,
+        switch_value: None,
+        started_at: Some(T0),
+        finished_at: None,
+    }];
+    f.store.create_run(&r, &none()).await.unwrap();
+    let first = f.raw_run("wide").await.unwrap();
+    assert!(billed_bytes(&first) > 2048, "{}", billed_bytes(&first));
+    // The last iteration is retried: one changed output, one history entry.
+    let (mut next, v) = f.store.load_run("wide").await.unwrap().unwrap();
+    next.steps[0].iterations[149].attempt = 2;
+    next.steps[0].iterations[149].output = Some(json!({"id": "retried", "accountEnabled": false}));
+    f.store.save_run(&next, v, &none()).await.unwrap();
+    let patch = f.raw_run("wide").await.unwrap();
+    assert!(patch.contains_key("p"), "a patch, not the whole run again");
+    assert!(
+        billed_bytes(&patch) < 1024,
+        "{} bytes",
+        billed_bytes(&patch)
+    );
+    assert_eq!(f.store.load_run("wide").await.unwrap().unwrap(), (next, 2));
 }

@@ -129,16 +129,17 @@ fn code_uses(binary: &str) -> &'static [&'static str] {
             // fire_due_wakes (WAKE#<n>, gsi3) and the runs it reads (read_run, on the table).
             "dynamodb:Query",
             // fire_shard claims a due timer with a conditional update; clear_outbox;
-            // expire_input for a run fire_due_wakes writes again; remove_wake takes a
-            // superseded version out of the wake index.
+            // expire_input for a run fire_due_wakes writes again.
             "dynamodb:UpdateItem",
             // fire_shard deletes a fired timer.
             "dynamodb:DeleteItem",
             // flush_stale_outboxes reads the item itself (get_item_at): the index lags;
+            // fire_due_wakes reads how far it swept the wake index (wake_marks);
             // from_env's warm-up read.
             "dynamodb:GetItem",
             // flush -> put_timer for an outbox message due more than 15 minutes out;
-            // fire_due_wakes writes a run waiting a day with nothing due again (commit_run).
+            // fire_due_wakes writes a run waiting a day with nothing due again (commit_run), and
+            // how far it swept (put_wake_marks).
             "dynamodb:PutItem",
             // The fired timers' messages and the flushed outboxes.
             "sqs:SendMessage",

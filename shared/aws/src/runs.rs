@@ -35,9 +35,9 @@ use crate::size::{
     BODY_TARGET_BYTES, ITEM_OVERHEAD_BYTES, MAX_ITEM_BYTES, MIN_BODY_BYTES, fit_body,
 };
 use crate::table::{
-    GSI1, GSI2, GSI2_RUNS, GSI3, SHARDS, SK_INPUT, TTL_ATTRIBUTE, VERSION_SK_PREFIX, outbox_gsi1pk,
-    outbox_gsi1sk, pad, run_gsi2sk, run_pk, shard_of, timer_pk, timer_sk, version_sk, wake_gsi3pk,
-    wake_gsi3sk,
+    GSI1, GSI2, GSI2_RUNS, GSI3, PK_WAKE_MARKS, SHARDS, SK_INPUT, SK_WAKE_MARKS, TTL_ATTRIBUTE,
+    VERSION_SK_PREFIX, outbox_gsi1pk, outbox_gsi1sk, pad, run_gsi2sk, run_pk, shard_of, timer_pk,
+    timer_sk, version_sk, wake_gsi3pk, wake_gsi3sk,
 };
 use crate::{DynamoStore, body_sent_ahead};
 
@@ -69,6 +69,11 @@ pub const WAKE_GRACE_MS: Millis = 5_000;
 /// to extend it ([`DynamoStore::fire_due_wakes`]). An input thus outlives its run's records by a
 /// day at most, and never expires before them.
 pub const INPUT_HORIZON_MS: Millis = 86_400_000;
+/// A wake the index alone carries is due at least this long after the write that sets it (one
+/// due sooner is also queued with SQS's delay), so that it is in the index, which lags its
+/// table, well before the timer's sweep passes its time: the sweep reads each stretch of the
+/// index once ([`DynamoStore::fire_due_wakes`]).
+const MIN_WAKE_LEAD_MS: Millis = crate::outbox::MAX_QUEUE_DELAY_MS;
 /// The sweep sends outboxes pending for longer than this.
 pub const STALE_OUTBOX_MS: Millis = 60_000;
 /// Pages of one outbox shard read per sweep (25 runs each).
@@ -116,10 +121,14 @@ impl DynamoStore {
     }
 
     /// When a run written as `run` must be written again to extend its input's expiry, if it is
-    /// waiting with nothing due before then (see [`INPUT_HORIZON_MS`]).
+    /// waiting with nothing due before then (see [`INPUT_HORIZON_MS`]); never sooner than
+    /// [`MIN_WAKE_LEAD_MS`] after the write, as every wake the index alone carries.
     fn input_refresh_at(&self, run: &Run) -> Option<Millis> {
-        (self.config.retention_days > 0 && run.status == RunStatus::Waiting)
-            .then(|| input_base(run).saturating_add(INPUT_HORIZON_MS))
+        (self.config.retention_days > 0 && run.status == RunStatus::Waiting).then(|| {
+            input_base(run)
+                .saturating_add(INPUT_HORIZON_MS)
+                .max(run.updated_at.saturating_add(MIN_WAKE_LEAD_MS))
+        })
     }
 
     /// The expiry of every item of a chain whose snapshot was written at `snap_at`: a day after
@@ -566,7 +575,7 @@ impl DynamoStore {
         let Some(log) = self.read_log(run_id).await? else {
             return Ok(None);
         };
-        for (_, ob) in &log.outboxes {
+        for ob in &log.outboxes {
             if self.is_abandoned(ob)
                 && let Err(error) = self.flush(run_id, ob).await
             {
@@ -643,21 +652,15 @@ impl DynamoStore {
             )?;
         }
         let mut outboxes = Vec::new();
-        let mut stale_wakes = Vec::new();
         for i in &items {
-            let sk = i.str("sk")?;
             if let Some(ob) = pending_outbox(run_id, Some(i))? {
-                outboxes.push((sk.to_string(), ob));
-            }
-            if i.contains_key("gsi3pk") && i.num::<u64>("version")? < version {
-                stale_wakes.push(sk.to_string());
+                outboxes.push(ob);
             }
         }
         Ok(Some(Log {
             run,
             version,
             outboxes,
-            stale_wakes,
         }))
     }
 
@@ -761,22 +764,6 @@ impl DynamoStore {
             .await;
         // Refused: someone else flushed it (and perhaps a later writer committed a new one).
         unless_refused(res, || format!("clearing the outbox of run {run_id}"))
-    }
-
-    /// Takes a superseded version item out of the wake index. Refused: done already.
-    async fn remove_wake(&self, run_id: &str, sk: &str) -> Result<(), StoreError> {
-        let res = self
-            .dynamo
-            .update_item()
-            .table_name(&self.config.table)
-            .set_key(Some(key(run_pk(run_id), sk)))
-            .update_expression("REMOVE gsi3pk, gsi3sk")
-            .condition_expression("attribute_exists(gsi3pk)")
-            .send()
-            .await;
-        unless_refused(res, || {
-            format!("removing a superseded wake of run {run_id}")
-        })
     }
 
     async fn put_timer(&self, msg: &StepMessage, due: Millis, id: &str) -> Result<(), StoreError> {
@@ -945,57 +932,151 @@ impl DynamoStore {
     }
 
     /// Sends the messages of waiting runs that are due at `now` ([`Run::wakes`]), found by the wake
-    /// index; only runs whose earliest wake passed [`WAKE_GRACE_MS`] ago (a wake within SQS's
-    /// delay was also queued, and is most likely handled by then). Each run is read before
-    /// anything is sent; a message sent twice is stale the second time. A run found waiting a
-    /// day with nothing due is written again instead, to extend its input's expiry
-    /// ([`INPUT_HORIZON_MS`]). Reads at most 4 pages of 100 runs per shard per call; returns how
-    /// many messages it sent.
+    /// index; only wakes that passed [`WAKE_GRACE_MS`] ago (a wake within SQS's delay was also
+    /// queued, and is most likely handled by then). The index is read in stretches: each call
+    /// reads, per shard, the wakes due since the last call's end (kept in one item, the
+    /// shards' marks), so each entry is read once. That includes the entries of versions since
+    /// superseded (the version answering an approval has no wake, but the one that waited for
+    /// it keeps its entry): read once, they cost one read of their run, and no write to take
+    /// them out. Each run is read before anything is sent; a message sent twice is stale the
+    /// second time. A run found waiting a day with nothing due is written again instead, to
+    /// extend its input's expiry ([`INPUT_HORIZON_MS`]). Reads at most 4 pages of 100 entries
+    /// per shard per call (the mark then stops short of `now`); returns how many messages it
+    /// sent.
     pub async fn fire_due_wakes(&self, now: Millis) -> Result<usize, StoreError> {
-        let cutoff = pad(now.saturating_sub(WAKE_GRACE_MS).saturating_add(1));
+        let cutoff = now.saturating_sub(WAKE_GRACE_MS);
+        let mut marks = self.wake_marks().await?;
         let mut fired = 0;
         let mut seen = HashSet::new();
-        for (run_id, _) in self
-            .runs_below(GSI3, "WAKE#", &cutoff, TIMER_PAGES, TIMER_PAGE_SIZE)
-            .await?
-        {
-            if !seen.insert(run_id.clone()) {
-                continue;
-            }
-            // The index lags, and lists the wakes of versions since superseded: the run itself
-            // says what is due.
-            let Some(log) = self.read_log(&run_id).await? else {
-                continue;
-            };
-            for sk in &log.stale_wakes {
-                self.remove_wake(&run_id, sk).await?;
-            }
-            let (run, version) = (log.run, log.version);
-            let due: Vec<(StepMessage, i32)> = run
-                .wakes()
-                .into_iter()
-                .filter(|(_, at)| *at <= now)
-                .map(|(m, _)| (m, 0))
-                .collect();
-            if due.is_empty() && self.input_refresh_at(&run).is_some_and(|at| at <= now) {
-                // Waiting for a day with nothing due: written again, which extends its input's
-                // expiry and moves its wake a day on. Refused: another writer did it.
-                let touched = Run {
-                    updated_at: now,
-                    ..run
-                };
-                match self
-                    .commit_run(&touched, Some(version), &Effects::default())
-                    .await?
-                {
-                    Commit::Refused(_) | Commit::Done(_) | Commit::ChildExists(_) => {}
+        for (shard, mark) in marks.iter_mut().enumerate() {
+            let (entries, reached) = self.due_wakes(shard, *mark, cutoff).await?;
+            for run_id in entries {
+                if !seen.insert(run_id.clone()) {
+                    continue;
                 }
-                continue;
+                fired += self.fire_run_wakes(&run_id, now).await?;
             }
-            self.send(&due).await?;
-            fired += due.len();
+            *mark = reached;
         }
+        self.put_wake_marks(&marks).await?;
         Ok(fired)
+    }
+
+    /// The wakes of one run due at `now`, sent; or, waiting a day with nothing due, the run
+    /// written again. The index lags, and lists superseded versions: the run itself says what
+    /// is due.
+    async fn fire_run_wakes(&self, run_id: &str, now: Millis) -> Result<usize, StoreError> {
+        let Some((run, version)) = self.read_run(run_id).await? else {
+            return Ok(0);
+        };
+        let due: Vec<(StepMessage, i32)> = run
+            .wakes()
+            .into_iter()
+            .filter(|(_, at)| *at <= now)
+            .map(|(m, _)| (m, 0))
+            .collect();
+        if due.is_empty() && self.input_refresh_at(&run).is_some_and(|at| at <= now) {
+            // Waiting for a day with nothing due: written again, which extends its input's
+            // expiry and moves its wake a day on. Refused: another writer did it.
+            let touched = Run {
+                updated_at: now,
+                ..run
+            };
+            self.commit_run(&touched, Some(version), &Effects::default())
+                .await?;
+            return Ok(0);
+        }
+        self.send(&due).await?;
+        Ok(due.len())
+    }
+
+    /// The runs one shard of the wake index lists as due after `mark` and by `cutoff`, and the
+    /// mark to keep: `cutoff`, or short of it when the pages ran out first.
+    async fn due_wakes(
+        &self,
+        shard: usize,
+        mark: Millis,
+        cutoff: Millis,
+    ) -> Result<(Vec<String>, Millis), StoreError> {
+        let mut ids = Vec::new();
+        if cutoff <= mark {
+            return Ok((ids, mark));
+        }
+        let mut start = None;
+        let mut last_due = mark;
+        for _ in 0..TIMER_PAGES {
+            let page = self
+                .dynamo
+                .query()
+                .table_name(&self.config.table)
+                .index_name(GSI3)
+                .key_condition_expression("gsi3pk = :pk AND gsi3sk BETWEEN :lo AND :hi")
+                .set_expression_attribute_values(values([
+                    (":pk", s(format!("WAKE#{shard}"))),
+                    // Keys are `<due:020>#<id>`: due in (mark, cutoff].
+                    (":lo", s(pad(mark.saturating_add(1)))),
+                    (":hi", s(pad(cutoff.saturating_add(1)))),
+                ]))
+                .limit(TIMER_PAGE_SIZE)
+                .set_exclusive_start_key(start)
+                .send()
+                .await
+                .map_err(|e| unavailable("reading gsi3", e))?;
+            for item in page.items() {
+                ids.push(run_id_of(item)?.to_string());
+                last_due = item
+                    .str("gsi3sk")?
+                    .split('#')
+                    .next()
+                    .and_then(|d| d.parse().ok())
+                    .unwrap_or(last_due);
+            }
+            start = page.last_evaluated_key;
+            if start.is_none() {
+                return Ok((ids, cutoff));
+            }
+        }
+        // More than the pages hold: the next call starts again at the last time read, whose
+        // entries may not all have been.
+        Ok((ids, last_due.saturating_sub(1).max(mark)))
+    }
+
+    /// The wake index's shards' marks (0 for a shard never swept).
+    async fn wake_marks(&self) -> Result<Vec<Millis>, StoreError> {
+        let item = self
+            .dynamo
+            .get_item()
+            .table_name(&self.config.table)
+            .set_key(Some(key(PK_WAKE_MARKS, SK_WAKE_MARKS)))
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(|e| unavailable("reading the wake index's marks", e))?
+            .item
+            .unwrap_or_default();
+        (0..SHARDS)
+            .map(|s| match item.get(&format!("s{s}")) {
+                Some(_) => item.num(&format!("s{s}")),
+                None => Ok(0),
+            })
+            .collect()
+    }
+
+    /// Keeps the marks. Two sweeps at once may set them back a little: entries read again,
+    /// which is safe (a run is read before anything is sent).
+    async fn put_wake_marks(&self, marks: &[Millis]) -> Result<(), StoreError> {
+        let mut item = key(PK_WAKE_MARKS, SK_WAKE_MARKS);
+        for (s, m) in marks.iter().enumerate() {
+            item.insert(format!("s{s}"), n(m));
+        }
+        self.dynamo
+            .put_item()
+            .table_name(&self.config.table)
+            .set_item(Some(item))
+            .send()
+            .await
+            .map_err(|e| unavailable("writing the wake index's marks", e))?;
+        Ok(())
     }
 
     /// Sends the outboxes pending for more than [`STALE_OUTBOX_MS`] at `now` (their writer died
@@ -1253,10 +1334,8 @@ pub(crate) const BODY_ATTRIBUTE: &str = "z";
 struct Log {
     run: Run,
     version: u64,
-    /// The outboxes pending on its items, with each item's sort key.
-    outboxes: Vec<(String, Outbox)>,
-    /// The items of superseded versions still listed in the wake index (their sort keys).
-    stale_wakes: Vec<String>,
+    /// The outboxes pending on its items.
+    outboxes: Vec<Outbox>,
 }
 
 /// The sort key of the item an outbox is on: its id starts with the version the write made.

@@ -10,11 +10,13 @@
 //! | event record      | `EVENT#<id>`         | `EVENT`                     |                                   |                         |
 //! | audit entry       | `AUDIT`              | `<at:020>#<seq>#<unique>`   |                                   |                         |
 //! | timer             | `TIMERS#<0..15>`     | `<due ms:020>#<unique>`     |                                   |                         |
+//! | wake index marks  | `WAKES`              | `MARKS`                     |                                   |                         |
 //!
 //! A waiting run's version item also has gsi3 `WAKE#<0..15>` / `<earliest wake:020>#<id>`: the
 //! messages it waits for ([`riposte_core::run::Run::wakes`]) are not queued when due beyond
 //! SQS's 15-minute delay; the timer finds the run by this index when the first is due, and
-//! sends them (a superseded version's entry is removed then).
+//! sends them. The timer sweeps each shard from where it last stopped (`s<shard>` of the marks
+//! item, ms), so a superseded version's entry is read once and left to expire with its item.
 //!
 //! A run is a log of version items ([`crate::runlog`]): each write puts the next one. Every
 //! version item holds `version` (N), `status`, `base` (the version of the snapshot its chain
@@ -69,6 +71,9 @@ pub(crate) const VERSION_SK_PREFIX: &str = "V#";
 pub(crate) const SK_INPUT: &str = "INPUT";
 pub(crate) const SK_EVENT: &str = "EVENT";
 pub(crate) const PK_AUDIT: &str = "AUDIT";
+/// The item holding how far the timer has swept each shard of the wake index.
+pub(crate) const PK_WAKE_MARKS: &str = "WAKES";
+pub(crate) const SK_WAKE_MARKS: &str = "MARKS";
 pub(crate) const GSI1_PLAYBOOKS: &str = "PLAYBOOKS";
 pub(crate) const GSI2_RUNS: &str = "RUNS";
 

@@ -1064,25 +1064,61 @@ async fn a_waiting_runs_far_wake_is_kept_with_the_run_and_sent_by_the_timer_when
         Some(true)
     );
     assert_eq!(f.store.fire_due_timers(due).await.unwrap(), 0);
-    // The timer sends it once due (after a few seconds' grace), not before.
+    // The timer sends it once due (after a few seconds' grace), not before, and once.
     assert_eq!(f.store.fire_due_wakes(due - 60_000).await.unwrap(), 0);
     assert_eq!(f.store.fire_due_wakes(due + 10_000).await.unwrap(), 1);
-    assert_eq!(f.drain().await, [expiry]);
-    // Answered, the run no longer waits for it: the new version has no wake. The superseded
-    // version's index entry stays until it comes due; the timer then reads the run, sends
-    // nothing, and takes that entry out of the index.
-    let mut answered = waiting.clone();
+    assert_eq!(f.drain().await, [expiry.clone()]);
+    assert_eq!(f.store.fire_due_wakes(due + 70_000).await.unwrap(), 0);
+
+    // Answered before its expiry, a run no longer waits for it: the answer's version has no
+    // wake, and the version that waited keeps its entry, left to expire with its item. When
+    // the timer's sweep passes it, the run is read once, and nothing is sent or written.
+    let (timer, queries) = counted(&f, "Query");
+    let r2 = run("r2", T0);
+    f.store.create_run(&r2, &none()).await.unwrap();
+    let mut it = waiting.steps[0].iterations[0].clone();
+    it.wake_at = Some(due + HOUR as i64);
+    let waiting2 = waiting_on(&r2, "approve", it);
+    f.store.save_run(&waiting2, 1, &none()).await.unwrap();
+    let mut answered = waiting2.clone();
     answered.status = RunStatus::Running;
     answered.steps[0].iterations[0].status = StepStatus::Succeeded;
     answered.steps[0].iterations[0].wake_at = None;
     f.store.save_run(&answered, 2, &none()).await.unwrap();
-    let versions = f.raw_versions("r1").await;
+    let versions = f.raw_versions("r2").await;
     assert!(!versions[2].contains_key("gsi3pk"));
     assert!(versions[1].contains_key("gsi3pk"));
-    assert_eq!(f.store.fire_due_wakes(due + 120_000).await.unwrap(), 0);
+    for tick in 1..=3 {
+        let at = due + HOUR as i64 + tick * 60_000;
+        assert_eq!(timer.fire_due_wakes(at).await.unwrap(), 0);
+    }
     assert!(f.drain().await.is_empty());
-    assert!(!f.raw_versions("r1").await[1].contains_key("gsi3pk"));
-    assert_eq!(f.store.fire_due_wakes(due + 180_000).await.unwrap(), 0);
+    assert_eq!(f.raw_versions("r2").await.len(), 3);
+    // Each sweep queries the 16 shards of the index; the run's partition was read once.
+    assert_eq!(queries.load(Ordering::SeqCst), 3 * 16 + 1);
+}
+
+/// A second store over the fixture's table whose DynamoDB requests of `op` are counted.
+fn counted(f: &Fixture, op: &'static str) -> (riposte_aws::DynamoStore, Arc<AtomicUsize>) {
+    let n = Arc::new(AtomicUsize::new(0));
+    let counted = aws_sdk_dynamodb::Client::from_conf(
+        f.dynamo
+            .config()
+            .to_builder()
+            .interceptor(CountOp(op, n.clone()))
+            .build(),
+    );
+    let store = riposte_aws::DynamoStore::new(
+        counted,
+        f.sqs.clone(),
+        riposte_aws::AwsConfig {
+            table: f.table.clone(),
+            queue_url: f.queue_url.clone(),
+            retention_days: RETENTION_DAYS,
+        },
+        f.clock.clone(),
+    );
+    (store, n)
 }
 
 /// Counts the DynamoDB requests of one operation (by its `X-Amz-Target`).
@@ -1111,23 +1147,7 @@ impl aws_sdk_dynamodb::config::Intercept for CountOp {
 #[tokio::test]
 async fn reads_of_one_run_made_at_once_share_one_query_and_none_outlives_a_write() {
     let f = fixture().await;
-    let queries = Arc::new(AtomicUsize::new(0));
-    let sdk = sdk_config(&moto().endpoint).await;
-    let counted = aws_sdk_dynamodb::Client::from_conf(
-        aws_sdk_dynamodb::config::Builder::from(&sdk)
-            .interceptor(CountOp("Query", queries.clone()))
-            .build(),
-    );
-    let store = riposte_aws::DynamoStore::new(
-        counted,
-        f.sqs.clone(),
-        riposte_aws::AwsConfig {
-            table: f.table.clone(),
-            queue_url: f.queue_url.clone(),
-            retention_days: RETENTION_DAYS,
-        },
-        f.clock.clone(),
-    );
+    let (store, queries) = counted(&f, "Query");
     let r = run("r1", T0);
     store.create_run(&r, &none()).await.unwrap();
     // Three messages of the run in one batch load it at once: one query answers all three.

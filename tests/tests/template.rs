@@ -1035,3 +1035,66 @@ fn events_the_trigger_functions_fail_on_are_kept_and_alarmed() {
     });
     assert!(watched, "an alarm watches the events' dead-letter queue");
 }
+
+#[test]
+fn on_provisioned_capacity_the_table_and_every_index_scale_reads_and_writes() {
+    let t = Template::load();
+    let table = t.resource("Table");
+    let provisioned = |v: &Value| {
+        v["Fn::If"][0].as_str() == Some("Provisioned")
+            && v["Fn::If"][1]["ReadCapacityUnits"]["Ref"].as_str() == Some("ProvisionedMinCapacity")
+            && v["Fn::If"][1]["WriteCapacityUnits"]["Ref"].as_str()
+                == Some("ProvisionedMinCapacity")
+    };
+    assert!(provisioned(&table["Properties"]["ProvisionedThroughput"]));
+    let mut resources = vec!["table/${Table}".to_string()];
+    for index in table["Properties"]["GlobalSecondaryIndexes"]
+        .as_sequence()
+        .unwrap()
+    {
+        let name = index["IndexName"].as_str().unwrap();
+        assert!(
+            provisioned(&index["ProvisionedThroughput"]),
+            "{name} has no provisioned throughput"
+        );
+        resources.push(format!("table/${{Table}}/index/{name}"));
+    }
+    let targets: Vec<(&str, &Value)> = t
+        .of_type("AWS::ApplicationAutoScaling::ScalableTarget")
+        .collect();
+    let policies: Vec<&Value> = t
+        .of_type("AWS::ApplicationAutoScaling::ScalingPolicy")
+        .map(|p| p.1)
+        .collect();
+    for resource in &resources {
+        let kind = if resource.contains("/index/") {
+            "index"
+        } else {
+            "table"
+        };
+        for unit in ["Read", "Write"] {
+            let found: Vec<&(&str, &Value)> = targets
+                .iter()
+                .filter(|(_, r)| {
+                    r["Properties"]["ResourceId"]["Fn::Sub"].as_str() == Some(resource)
+                        && r["Properties"]["ScalableDimension"].as_str()
+                            == Some(&format!("dynamodb:{kind}:{unit}CapacityUnits"))
+                })
+                .collect();
+            assert_eq!(found.len(), 1, "{resource} {unit}: one scalable target");
+            let (id, target) = found[0];
+            assert_eq!(target["Condition"].as_str(), Some("Provisioned"));
+            let policy = policies
+                .iter()
+                .find(|p| p["Properties"]["ScalingTargetId"]["Ref"].as_str() == Some(id))
+                .unwrap_or_else(|| panic!("{id} has no scaling policy"));
+            let config = &policy["Properties"]["TargetTrackingScalingPolicyConfiguration"];
+            assert_eq!(config["TargetValue"].as_u64(), Some(70), "{id}");
+            assert_eq!(
+                config["PredefinedMetricSpecification"]["PredefinedMetricType"].as_str(),
+                Some(format!("DynamoDB{unit}CapacityUtilization").as_str()),
+                "{id}"
+            );
+        }
+    }
+}

@@ -37,7 +37,7 @@ use crate::size::{
 use crate::table::{
     GSI1, GSI2, GSI2_RUNS, GSI3, PK_WAKE_MARKS, SHARDS, SK_INPUT, SK_WAKE_MARKS, TTL_ATTRIBUTE,
     VERSION_SK_PREFIX, outbox_gsi1pk, outbox_gsi1sk, pad, run_gsi2sk, run_pk, shard_of, timer_pk,
-    timer_sk, version_sk, wake_gsi3pk, wake_gsi3sk,
+    timer_sk, version_sk, wake_gsi3pk, wake_gsi3sk, wake_shard_pk,
 };
 use crate::{DynamoStore, body_sent_ahead};
 
@@ -1012,7 +1012,7 @@ impl DynamoStore {
                 .index_name(GSI3)
                 .key_condition_expression("gsi3pk = :pk AND gsi3sk BETWEEN :lo AND :hi")
                 .set_expression_attribute_values(values([
-                    (":pk", s(format!("WAKE#{shard}"))),
+                    (":pk", s(wake_shard_pk(shard))),
                     // Keys are `<due:020>#<id>`: due in (mark, cutoff].
                     (":lo", s(pad(mark.saturating_add(1)))),
                     (":hi", s(pad(cutoff.saturating_add(1)))),
@@ -1037,8 +1037,18 @@ impl DynamoStore {
             }
         }
         // More than the pages hold: the next call starts again at the last time read, whose
-        // entries may not all have been.
-        Ok((ids, last_due.saturating_sub(1).max(mark)))
+        // entries may not all have been; unless every entry read was due that one millisecond
+        // (400 in one shard), when the sweep moves past it rather than stall the shard.
+        if last_due.saturating_sub(1) > mark {
+            Ok((ids, last_due - 1))
+        } else {
+            tracing::warn!(
+                message = "Wake index sweep moved past a crowded millisecond.",
+                shard,
+                at = last_due
+            );
+            Ok((ids, last_due))
+        }
     }
 
     /// The wake index's shards' marks (0 for a shard never swept).
@@ -1099,7 +1109,7 @@ impl DynamoStore {
         Ok(flushed)
     }
 
-    /// The run ids (and their items' sort keys) a sharded index (`gsi1` or `gsi3`) lists under
+    /// The run ids (and their items' sort keys) a sharded index (`gsi1`) lists under
     /// `<prefix><shard>` with a sort key below `cutoff`, over every shard, at most `pages` pages
     /// of `page_size` per shard.
     async fn runs_below(

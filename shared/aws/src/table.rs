@@ -130,7 +130,11 @@ pub(crate) fn event_pk(id: &str) -> String {
 }
 
 pub(crate) fn wake_gsi3pk(run_id: &str) -> String {
-    format!("WAKE#{}", shard_of(run_id))
+    wake_shard_pk(shard_of(run_id) as usize)
+}
+
+pub(crate) fn wake_shard_pk(shard: usize) -> String {
+    format!("WAKE#{shard}")
 }
 
 pub(crate) fn wake_gsi3sk(due: Millis, run_id: &str) -> String {
@@ -174,8 +178,9 @@ fn string_attribute(name: &str) -> AttributeDefinition {
 /// What gsi1 copies: a rule's JSON (`rule`), a playbook head's `latest` and `deleted`, and the ids
 /// pending outboxes are found by. Not a run's body: an index bills every copy at its size.
 pub const GSI1_ATTRIBUTES: &[&str] = &["id", "rule", "latest", "deleted"];
-/// What gsi3 copies: the run's id (the timer reads the run itself).
-pub const GSI3_ATTRIBUTES: &[&str] = &["id"];
+/// What gsi3 copies: nothing but the keys (the run's id is in `pk`; the timer reads the run
+/// itself).
+pub const GSI3_ATTRIBUTES: &[&str] = &[];
 /// What gsi2 copies: what never changes of a run. Only snapshot items are listed (so the copy
 /// is written when the run is created, and once a day for a run living longer); `list_runs`
 /// reads each listed run's status from its latest version. A projected status would rewrite the

@@ -116,7 +116,7 @@ async fn the_table_has_its_three_indexes_on_demand_with_ttl() {
             (
                 "gsi3".to_string(),
                 vec!["gsi3pk".to_string(), "gsi3sk".to_string()],
-                Some(ProjectionType::Include),
+                Some(ProjectionType::KeysOnly),
                 riposte_aws::table::GSI3_ATTRIBUTES
                     .iter()
                     .map(|a| a.to_string())

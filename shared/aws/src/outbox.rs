@@ -1,4 +1,4 @@
-//! The outbox: the step messages a run write commits, kept on the run item until they are sent.
+//! The outbox: the step messages a run write commits, kept on the version item of that write until they are sent.
 //!
 //! Stored compactly (one run id list, then `[run, step, iteration, attempt, kind, due]` rows) so
 //! that a fan-out of a thousand iterations fits beside the run body in one item. `due` is absolute

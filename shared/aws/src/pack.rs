@@ -1,6 +1,6 @@
-//! Run bodies are stored deflated, as a binary attribute: DynamoDB bills each write by the item's
-//! size in kilobytes, the run item is rewritten at every step, and a run's JSON (field names
-//! repeated in every step and history entry) deflates to about a fifth.
+//! Run snapshots, patches and inputs are stored deflated, as a binary attribute: DynamoDB bills
+//! each write by the item's size in kilobytes, and a run's JSON (field names repeated in every
+//! step and history entry) deflates to about a fifth.
 //!
 //! Guarantee: [`inflate`] returns exactly the text [`deflate`] was given, and refuses (as a
 //! corrupt record) anything that is not deflate data or inflates beyond [`MAX_INFLATED_BYTES`].

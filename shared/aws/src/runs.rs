@@ -275,7 +275,7 @@ impl DynamoStore {
             )));
         }
         if expected.is_none() {
-            // Written once, before the run: a run item is never without its input.
+            // Written once, before the run: a run version is never without its input.
             self.put_input(run).await?;
         } else if input_base(run) != run.created_at {
             // A run older than a day: before the write, so that its input never expires first.
@@ -1402,7 +1402,7 @@ fn input_base(run: &Run) -> Millis {
     }
 }
 
-/// The run as stored in its run item: without its input (kept in the input item).
+/// The run as stored in its version items: without its input (kept in the input item).
 fn without_input(run: &Run) -> Run {
     Run {
         input: serde_json::Value::Null,
@@ -1421,7 +1421,7 @@ fn blob(item: &Item) -> Result<&[u8], StoreError> {
     }
 }
 
-/// The outbox pending on a run item, if any.
+/// The outbox pending on a version item, if any.
 fn pending_outbox(run_id: &str, item: Option<&Item>) -> Result<Option<Outbox>, StoreError> {
     item.and_then(|i| i.opt_str("outbox"))
         .map(|text| Outbox::parse(run_id, text))

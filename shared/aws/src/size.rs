@@ -16,7 +16,7 @@ use riposte_core::store::StoreError;
 pub(crate) const MAX_ITEM_BYTES: usize = 400 * 1024;
 /// The most a run body may take before values are truncated.
 pub(crate) const BODY_TARGET_BYTES: usize = 350 * 1024;
-/// Room kept for the run item's other attributes (keys, status, ids, times).
+/// Room kept for a version item's other attributes (keys, status, ids, times).
 pub(crate) const ITEM_OVERHEAD_BYTES: usize = 8 * 1024;
 /// Below this the body budget is not worth trying (the outbox is too large).
 pub(crate) const MIN_BODY_BYTES: usize = 32 * 1024;

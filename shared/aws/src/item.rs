@@ -46,6 +46,7 @@ pub(crate) trait ItemExt {
     fn str(&self, name: &str) -> Result<&str, StoreError>;
     fn num<T: FromStr>(&self, name: &str) -> Result<T, StoreError>;
     fn flag(&self, name: &str) -> bool;
+    fn bin(&self, name: &str) -> Result<&[u8], StoreError>;
 }
 
 impl ItemExt for Item {
@@ -72,6 +73,13 @@ impl ItemExt for Item {
 
     fn flag(&self, name: &str) -> bool {
         matches!(self.get(name), Some(AttributeValue::Bool(true)))
+    }
+
+    fn bin(&self, name: &str) -> Result<&[u8], StoreError> {
+        match self.get(name) {
+            Some(AttributeValue::B(b)) => Ok(b.as_ref()),
+            _ => Err(corrupt_item(self, &format!("no binary attribute `{name}`"))),
+        }
     }
 }
 

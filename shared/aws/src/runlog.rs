@@ -220,14 +220,19 @@ impl<'a> Chain<'a> {
     /// The run's JSON at the latest version, and what a writer from it needs to know.
     pub fn run_json(&self, run_id: &str) -> Result<Recent, StoreError> {
         let first = self.items[0];
-        let what = |v: &Item| format!("run {run_id} version {}", v.opt_num("version"));
+        let what = |v: &Item| {
+            let version = v
+                .num::<u64>("version")
+                .map_or("?".into(), |n| n.to_string());
+            format!("run {run_id} version {version}")
+        };
         let mut json: Value = from_json(
             &what(first),
-            &inflate(&what(first), binary(first, SNAPSHOT_ATTRIBUTE)?)?,
+            &inflate(&what(first), first.bin(SNAPSHOT_ATTRIBUTE)?)?,
         )?;
-        let mut chain_bytes = binary(first, SNAPSHOT_ATTRIBUTE)?.len();
+        let mut chain_bytes = first.bin(SNAPSHOT_ATTRIBUTE)?.len();
         for item in &self.items[1..] {
-            let bytes = binary(item, PATCH_ATTRIBUTE)?;
+            let bytes = item.bin(PATCH_ATTRIBUTE)?;
             chain_bytes += bytes.len();
             let patch: json_patch::Patch = from_json(&what(item), &inflate(&what(item), bytes)?)?;
             json_patch::patch(&mut json, &patch)
@@ -240,30 +245,6 @@ impl<'a> Chain<'a> {
             snap_at: first.num(SNAP_AT_ATTRIBUTE)?,
             chain_bytes,
         })
-    }
-}
-
-trait OptNum {
-    fn opt_num(&self, name: &str) -> String;
-}
-
-impl OptNum for Item {
-    fn opt_num(&self, name: &str) -> String {
-        match self.get(name) {
-            Some(AttributeValue::N(v)) => v.clone(),
-            _ => "?".into(),
-        }
-    }
-}
-
-fn binary<'i>(item: &'i Item, name: &str) -> Result<&'i [u8], StoreError> {
-    match item.get(name) {
-        Some(AttributeValue::B(b)) => Ok(b.as_ref()),
-        _ => Err(StoreError::Corrupt(format!(
-            "item {}/{}: no binary attribute `{name}`",
-            item.opt_str("pk").unwrap_or("?"),
-            item.opt_str("sk").unwrap_or("?")
-        ))),
     }
 }
 

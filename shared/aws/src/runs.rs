@@ -648,7 +648,10 @@ impl DynamoStore {
         if let Some(input) = input {
             run.input = from_json(
                 &format!("input of run {run_id}"),
-                &inflate(&format!("input of run {run_id}"), blob(&input)?)?,
+                &inflate(
+                    &format!("input of run {run_id}"),
+                    input.bin(BODY_ATTRIBUTE)?,
+                )?,
             )?;
         }
         let mut outboxes = Vec::new();
@@ -1407,17 +1410,6 @@ fn without_input(run: &Run) -> Run {
     Run {
         input: serde_json::Value::Null,
         ..run.clone()
-    }
-}
-
-fn blob(item: &Item) -> Result<&[u8], StoreError> {
-    match item.get(BODY_ATTRIBUTE) {
-        Some(AttributeValue::B(b)) => Ok(b.as_ref()),
-        _ => Err(StoreError::Corrupt(format!(
-            "item {}/{}: no binary attribute `{BODY_ATTRIBUTE}`",
-            item.opt_str("pk").unwrap_or("?"),
-            item.opt_str("sk").unwrap_or("?")
-        ))),
     }
 }
 

@@ -2,8 +2,8 @@
 //!
 //! Guarantee: the conditional put in [`DynamoStore::commit_run`] is the only place a run
 //! changes state: it adds the item of the next version, refused if that version exists (the
-//! run's log: [`crate::runlog`]). Items are never rewritten but to clear their outbox, take a
-//! superseded wake out of the index, or extend an input's expiry. A write's messages
+//! run's log: [`crate::runlog`]). Items are never rewritten but to clear their outbox or extend
+//! an input's expiry. A write's messages
 //! are sent before it when they can be, each naming the version the write brings its run to
 //! (`DynamoStore::send_ahead`); the others go in its outbox. An outbox is removed only by
 //! [`DynamoStore::flush`], after every one of its messages was accepted by SQS or written as a
@@ -951,15 +951,27 @@ impl DynamoStore {
         let mut marks = self.wake_marks().await?;
         let mut fired = 0;
         let mut seen = HashSet::new();
-        for (shard, mark) in marks.iter_mut().enumerate() {
-            let (entries, reached) = self.due_wakes(shard, *mark, cutoff).await?;
-            for run_id in entries {
+        for shard in 0..marks.len() {
+            let (entries, reached) = self.due_wakes(shard, marks[shard], cutoff).await?;
+            for (run_id, due) in entries {
                 if !seen.insert(run_id.clone()) {
                     continue;
                 }
-                fired += self.fire_run_wakes(&run_id, now).await?;
+                match self.fire_run_wakes(&run_id, now).await {
+                    Ok(n) => fired += n,
+                    // Reading it again will not mend it: said, and passed.
+                    Err(StoreError::Corrupt(error)) => {
+                        tracing::error!(message = "Wake of an unreadable run passed.", run_id, %error);
+                    }
+                    // Kept for the next sweep, from this entry on.
+                    Err(e) => {
+                        marks[shard] = due.saturating_sub(1).max(marks[shard]);
+                        self.put_wake_marks(&marks).await?;
+                        return Err(e);
+                    }
+                }
             }
-            *mark = reached;
+            marks[shard] = reached;
         }
         self.put_wake_marks(&marks).await?;
         Ok(fired)
@@ -993,14 +1005,15 @@ impl DynamoStore {
         Ok(due.len())
     }
 
-    /// The runs one shard of the wake index lists as due after `mark` and by `cutoff`, and the
-    /// mark to keep: `cutoff`, or short of it when the pages ran out first.
+    /// The runs one shard of the wake index lists as due after `mark` and by `cutoff` (each with
+    /// its entry's time), and the mark to keep: `cutoff`, or short of it when the pages ran out
+    /// first.
     async fn due_wakes(
         &self,
         shard: usize,
         mark: Millis,
         cutoff: Millis,
-    ) -> Result<(Vec<String>, Millis), StoreError> {
+    ) -> Result<(Vec<(String, Millis)>, Millis), StoreError> {
         let mut ids = Vec::new();
         if cutoff <= mark {
             return Ok((ids, mark));
@@ -1026,13 +1039,13 @@ impl DynamoStore {
                 .await
                 .map_err(|e| unavailable("reading gsi3", e))?;
             for item in page.items() {
-                ids.push(run_id_of(item)?.to_string());
                 last_due = item
                     .str("gsi3sk")?
                     .split('#')
                     .next()
                     .and_then(|d| d.parse().ok())
                     .unwrap_or(last_due);
+                ids.push((run_id_of(item)?.to_string(), last_due));
             }
             start = page.last_evaluated_key;
             if start.is_none() {
@@ -1155,7 +1168,8 @@ impl DynamoStore {
     }
 
     /// Runs newest first (ties by id, descending): the runs from the runs-by-time index (gsi2,
-    /// keys only, written by each snapshot: a run may be listed more than once), then each
+    /// written by each snapshot, with what never changes of a run: a run may be listed more
+    /// than once), then each
     /// run's latest version item (one query each, several at a time); a status filter is
     /// applied to what is read.
     pub(crate) async fn query_runs(

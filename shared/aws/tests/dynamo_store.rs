@@ -1224,3 +1224,44 @@ async fn a_step_of_a_large_run_writes_only_what_it_changed() {
     );
     assert_eq!(f.store.load_run("wide").await.unwrap().unwrap(), (next, 2));
 }
+
+#[tokio::test]
+async fn an_unreadable_run_in_the_wake_index_holds_up_no_other_runs_wake() {
+    let f = fixture().await;
+    let due = T0 + 4 * HOUR as i64;
+    for id in ["bad", "good"] {
+        let r = run(id, T0);
+        f.store.create_run(&r, &none()).await.unwrap();
+        let mut it = Iteration::new(None);
+        it.status = StepStatus::Waiting;
+        it.wake_at = Some(due);
+        f.store
+            .save_run(&waiting_on(&r, "wait", it), 1, &none())
+            .await
+            .unwrap();
+    }
+    // "bad"'s latest version is damaged (a patch that is not deflate data).
+    let mut item = f.raw_run("bad").await.unwrap();
+    item.insert(
+        "p".into(),
+        AttributeValue::B(aws_sdk_dynamodb::primitives::Blob::new(
+            b"not a patch".to_vec(),
+        )),
+    );
+    f.dynamo
+        .put_item()
+        .table_name(&f.table)
+        .set_item(Some(item))
+        .send()
+        .await
+        .unwrap();
+    let timer = counted(&f, "Query").0;
+    assert_eq!(timer.fire_due_wakes(due + 10_000).await.unwrap(), 1);
+    let mut resume = msg("good", "wait");
+    resume.kind = MessageKind::Resume;
+    assert_eq!(f.drain().await, [resume]);
+    assert!(matches!(
+        timer.load_run("bad").await,
+        Err(StoreError::Corrupt(e)) if e.contains("bad version 2")
+    ));
+}

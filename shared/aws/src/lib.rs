@@ -31,9 +31,9 @@
 //! A message the run itself waits for ([`riposte_core::run::Run::wakes`]: an approval's expiry,
 //! a wait's end) due more than 15 minutes out is sent neither way: the version item carries the
 //! run's earliest wake in an index, written by that same conditional write, and
-//! [`DynamoStore::fire_due_wakes`] sends it when due (and takes superseded versions' wakes out
-//! of the index as they come due). So no message a committed write enqueued is
-//! ever lost; one may be sent twice, which the engine treats as stale.
+//! [`DynamoStore::fire_due_wakes`] sends it when due (a superseded version's entry is read once
+//! there, and sends nothing). So no message a committed write enqueued is ever lost; one may be
+//! sent twice, which the engine treats as stale.
 //!
 //! The table layout is in [`table`]; create it with [`create_table`].
 

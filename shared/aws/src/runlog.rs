@@ -10,9 +10,9 @@
 //! changed: 1 WRU for the reference playbook's steps.
 //!
 //! A **chain** is a snapshot and the patches that follow it. A writer patches only from the
-//! version it knows exactly (the one it read or wrote itself, kept in memory by
-//! `Recent`); otherwise, or when the chain is a day old or has grown past
-//! [`MAX_CHAIN_BYTES`], it writes a snapshot. Every item of a chain carries the chain's expiry
+//! version it knows exactly (the one it read or wrote itself, which it keeps in memory);
+//! otherwise, or when the chain is a day old or has grown past [`MAX_CHAIN_BYTES`], it writes a
+//! snapshot. Every item of a chain carries the chain's expiry
 //! (the snapshot's time, plus a day, plus the retention), so a chain expires as a whole, and a
 //! run written at least daily (the timer writes a run that waits longer) never loses the chain
 //! it reads. A reader queries the partition newest first and applies the latest chain.
@@ -48,9 +48,10 @@ pub(crate) const SNAP_AT_ATTRIBUTE: &str = "snap_at";
 pub const MAX_CHAIN_BYTES: usize = 8 * 1024;
 /// A chain older than this gets a new snapshot, so that a live run's chain never expires.
 pub const MAX_CHAIN_AGE_MS: Millis = crate::runs::INPUT_HORIZON_MS;
-/// Runs remembered per process; beyond this the memory is cleared (the next write of a
-/// forgotten run is a snapshot, which is correct, only larger).
-const RECENT_RUNS: usize = 256;
+/// Runs remembered per process (a run's JSON is at most about 350 KB, so this bounds the memory
+/// to about 11 MB; a step worker's batch holds at most 10 runs); beyond this the memory is
+/// cleared (the next write of a forgotten run is a snapshot, which is correct, only larger).
+const RECENT_RUNS: usize = 32;
 
 /// What this process knows exactly of a run's latest stored version: the JSON it read or wrote.
 #[derive(Clone, Debug)]

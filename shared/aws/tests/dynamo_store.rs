@@ -1265,3 +1265,49 @@ async fn an_unreadable_run_in_the_wake_index_holds_up_no_other_runs_wake() {
         Err(StoreError::Corrupt(e)) if e.contains("bad version 2")
     ));
 }
+
+#[tokio::test]
+async fn writers_racing_from_one_version_make_it_once_and_the_log_reads_as_the_winner_wrote() {
+    let f = fixture().await;
+    let r = run("r1", T0);
+    f.store.create_run(&r, &none()).await.unwrap();
+    // Eight processes, each having read version 1 (so each patches from it).
+    let mut writers = Vec::new();
+    for i in 0..8 {
+        let (store, _) = counted(&f, "Query");
+        let (mut mine, v) = store.load_run("r1").await.unwrap().unwrap();
+        mine.status = RunStatus::Running;
+        mine.error = Some(format!("writer {i}"));
+        writers.push((store, mine, v));
+    }
+    let fx = none();
+    let results = futures_util::future::join_all(
+        writers
+            .iter()
+            .map(|(store, mine, v)| store.save_run(mine, *v, &fx)),
+    )
+    .await;
+    let won: Vec<usize> = results
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| r.is_ok())
+        .map(|(i, _)| i)
+        .collect();
+    assert_eq!(won.len(), 1, "{results:?}");
+    for r in &results {
+        assert!(matches!(r, Ok(()) | Err(StoreError::Conflict(_))), "{r:?}");
+    }
+    let winner = &writers[won[0]].1;
+    assert_eq!(
+        f.store.load_run("r1").await.unwrap().unwrap(),
+        (winner.clone(), 2)
+    );
+    assert_eq!(f.raw_versions("r1").await.len(), 2);
+    // A loser reloads and writes the next version as a patch of what the winner wrote.
+    let loser = &writers[(won[0] + 1) % 8].0;
+    let (mut again, v) = loser.load_run("r1").await.unwrap().unwrap();
+    again.status = RunStatus::Succeeded;
+    loser.save_run(&again, v, &none()).await.unwrap();
+    assert!(f.raw_run("r1").await.unwrap().contains_key("p"));
+    assert_eq!(f.store.load_run("r1").await.unwrap().unwrap(), (again, 3));
+}

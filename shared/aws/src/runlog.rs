@@ -11,8 +11,9 @@
 //!
 //! A **chain** is a snapshot and the patches that follow it. A writer patches only from the
 //! version it knows exactly (the one it read or wrote itself, which it keeps in memory);
-//! otherwise, or when the chain is a day old or has grown past [`MAX_CHAIN_BYTES`], it writes a
-//! snapshot. Every item of a chain carries the chain's expiry
+//! otherwise, or when the chain is a day old, or its patches come to more than the run itself
+//! (deflated, and at least [`MAX_CHAIN_BYTES`]), it writes a snapshot: a read brings at most
+//! about twice the run. Every item of a chain carries the chain's expiry
 //! (the snapshot's time, plus a day, plus the retention), so a chain expires as a whole, and a
 //! run written at least daily (the timer writes a run that waits longer) never loses the chain
 //! it reads. A reader queries the partition newest first and applies the latest chain.
@@ -43,8 +44,8 @@ pub(crate) const PATCH_ATTRIBUTE: &str = "p";
 pub(crate) const BASE_ATTRIBUTE: &str = "base";
 /// When (store clock, ms) that snapshot was written.
 pub(crate) const SNAP_AT_ATTRIBUTE: &str = "snap_at";
-/// A chain whose deflated bodies come to more than this gets a new snapshot: a reader's query
-/// stays within a few 4 KB read units.
+/// Patches (deflated) a chain may hold whatever the run's size; beyond this and beyond the
+/// run's own size, a new snapshot.
 pub const MAX_CHAIN_BYTES: usize = 8 * 1024;
 /// A chain older than this gets a new snapshot, so that a live run's chain never expires.
 pub const MAX_CHAIN_AGE_MS: Millis = crate::runs::INPUT_HORIZON_MS;
@@ -60,8 +61,8 @@ pub(crate) struct Recent {
     pub json: Value,
     pub base: u64,
     pub snap_at: Millis,
-    /// Deflated bytes of the chain so far.
-    pub chain_bytes: usize,
+    /// Deflated bytes of the chain's patches so far.
+    pub patch_bytes: usize,
 }
 
 /// The [`Recent`] versions of the runs this process read or wrote.
@@ -100,7 +101,8 @@ pub(crate) struct Encoded {
 
 /// The body of version `version` whose JSON is `json` (text `body`): a patch from `prev` when
 /// that is the previous version, its chain is younger than a day and stays under
-/// [`MAX_CHAIN_BYTES`], and the patch is smaller than a snapshot; else a snapshot.
+/// what [`MAX_CHAIN_BYTES`] and the run's size allow, and the patch is smaller than a snapshot;
+/// else a snapshot.
 pub(crate) fn encode(
     prev: Option<Recent>,
     version: u64,
@@ -113,7 +115,9 @@ pub(crate) fn encode(
         .filter(|p| p.version + 1 == version && now.saturating_sub(p.snap_at) < MAX_CHAIN_AGE_MS)
     {
         let patch = deflate(&to_json(&json_patch::diff(&p.json, &json))?);
-        if patch.len() < snapshot.len() && p.chain_bytes + patch.len() <= MAX_CHAIN_BYTES {
+        if patch.len() < snapshot.len()
+            && p.patch_bytes + patch.len() <= MAX_CHAIN_BYTES.max(snapshot.len())
+        {
             return Ok(Encoded {
                 attribute: PATCH_ATTRIBUTE,
                 recent: Recent {
@@ -121,7 +125,7 @@ pub(crate) fn encode(
                     json,
                     base: p.base,
                     snap_at: p.snap_at,
-                    chain_bytes: p.chain_bytes + patch.len(),
+                    patch_bytes: p.patch_bytes + patch.len(),
                 },
                 bytes: patch,
             });
@@ -134,7 +138,7 @@ pub(crate) fn encode(
             json,
             base: version,
             snap_at: now,
-            chain_bytes: snapshot.len(),
+            patch_bytes: 0,
         },
         bytes: snapshot,
     })
@@ -231,10 +235,10 @@ impl<'a> Chain<'a> {
             &what(first),
             &inflate(&what(first), first.bin(SNAPSHOT_ATTRIBUTE)?)?,
         )?;
-        let mut chain_bytes = first.bin(SNAPSHOT_ATTRIBUTE)?.len();
+        let mut patch_bytes = 0;
         for item in &self.items[1..] {
             let bytes = item.bin(PATCH_ATTRIBUTE)?;
-            chain_bytes += bytes.len();
+            patch_bytes += bytes.len();
             let patch: json_patch::Patch = from_json(&what(item), &inflate(&what(item), bytes)?)?;
             json_patch::patch(&mut json, &patch)
                 .map_err(|e| StoreError::Corrupt(format!("{}: {e}", what(item))))?;
@@ -244,7 +248,7 @@ impl<'a> Chain<'a> {
             json,
             base: first.num("version")?,
             snap_at: first.num(SNAP_AT_ATTRIBUTE)?,
-            chain_bytes,
+            patch_bytes,
         })
     }
 }

@@ -642,7 +642,7 @@ impl DynamoStore {
         };
         let recent = chain.run_json(run_id)?;
         let version = recent.version;
-        let mut run: Run = serde_json::from_value(recent.json.clone())
+        let mut run = <Run as serde::Deserialize>::deserialize(&recent.json)
             .map_err(|e| StoreError::Corrupt(format!("run {run_id} version {version}: {e}")))?;
         self.recent.remember(run_id, recent);
         if let Some(input) = input {

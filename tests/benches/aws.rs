@@ -66,6 +66,8 @@ const LAMBDA_PER_MILLION_REQUESTS: f64 = 0.20;
 const LAMBDA_ARM64_PER_GB_SECOND: f64 = 0.000_013_333_4;
 const LAMBDA_MEMORY_GB: f64 = 128.0 / 1024.0;
 const SFN_STANDARD_PER_MILLION_TRANSITIONS: f64 = 25.0;
+/// API Gateway HTTP APIs, per million requests (the first 300 million a month).
+const APIGW_HTTP_PER_MILLION_REQUESTS: f64 = 1.00;
 /// A duration to price Lambda compute at, besides the one measured here (vendor APIs are
 /// stand-ins on 127.0.0.1 here; real ones answer in hundreds of milliseconds).
 const ASSUMED_INVOCATION_MS: f64 = 300.0;
@@ -573,6 +575,8 @@ struct Aws {
     /// Per Lambda invocation: (function, records handed over, handler wall time).
     invocations: Mutex<Vec<(&'static str, usize, Duration)>>,
     receives: Mutex<(usize, usize)>,
+    /// Step messages the step worker was handed (an SQS message may bundle several).
+    step_messages: Mutex<usize>,
 }
 
 async fn aws(v: &Vendors) -> Aws {
@@ -644,6 +648,7 @@ async fn aws(v: &Vendors) -> Aws {
         queue,
         invocations: Mutex::new(Vec::new()),
         receives: Mutex::new((0, 0)),
+        step_messages: Mutex::new(0),
     }
 }
 
@@ -670,6 +675,10 @@ impl Aws {
         if messages.is_empty() {
             return 0;
         }
+        *self.step_messages.lock().unwrap() += messages
+            .iter()
+            .map(|m| riposte_aws::parse_sent(m.body().unwrap_or_default()).map_or(0, |s| s.len()))
+            .sum::<usize>();
         let started = Instant::now();
         let response = riposte_lambda::on_messages(&self.service, event, 5, None).await;
         self.invoked("step-worker", messages.len(), started.elapsed());
@@ -886,11 +895,12 @@ async fn api_calls_and_cost() -> Moto {
         .collect();
     let invocations = a.invocations.lock().unwrap().clone();
     let (busy_receives, empty_receives) = *a.receives.lock().unwrap();
-    let step_messages: usize = invocations
+    let sqs_messages: usize = invocations
         .iter()
         .filter(|i| i.0 == "step-worker")
         .map(|i| i.1)
         .sum();
+    let step_messages = *a.step_messages.lock().unwrap();
     let worker_invocations = invocations.iter().filter(|i| i.0 == "step-worker").count();
     let steps_run: Vec<&str> = run
         .steps
@@ -934,7 +944,8 @@ async fn api_calls_and_cost() -> Moto {
         skipped.join(", ")
     );
     println!(
-        "Step messages handled by the step worker: {step_messages}, in {worker_invocations} invocations \
+        "Step messages handled by the step worker: {step_messages}, in {sqs_messages} SQS messages \
+         and {worker_invocations} invocations \
          (batches); plus 1 alert-created invocation and 2 approval-response requests (GET the confirm \
          page, POST the decision)."
     );
@@ -1181,7 +1192,7 @@ async fn api_calls_and_cost() -> Moto {
     // Part 2: cost.
     // At low volume the event source mapping invokes the step worker once per message; this
     // harness batched some (`worker_invocations`): price the larger count.
-    let lambda_invocations = (invocations.len() - worker_invocations + step_messages) as f64;
+    let lambda_invocations = (invocations.len() - worker_invocations + sqs_messages) as f64;
     let measured_ms: f64 = invocations
         .iter()
         .map(|i| (i.2.as_secs_f64() * 1000.0).ceil())
@@ -1219,6 +1230,13 @@ async fn api_calls_and_cost() -> Moto {
     let ddb_provisioned = (w_all.units + gsi_all) * per_million(DDB_PER_WCU_HOUR)
         + r_all.units * per_million(DDB_PER_RCU_HOUR);
     let total_provisioned = total_measured - ddb_w - ddb_r + ddb_provisioned;
+    // The approval link's requests reach the HTTP function through API Gateway: billed per
+    // request, the same for any engine behind it, so shown beside the engine's bill.
+    let api_requests = invocations
+        .iter()
+        .filter(|i| i.0 == "approval-response")
+        .count();
+    let apigw = api_requests as f64 * APIGW_HTTP_PER_MILLION_REQUESTS;
     let transitions = steps_run.len() as f64;
     let sfn = transitions * SFN_STANDARD_PER_MILLION_TRANSITIONS;
     println!();
@@ -1271,7 +1289,7 @@ async fn api_calls_and_cost() -> Moto {
     );
     println!(
         "| {:<60} | {:>12} | {:>9.2} |",
-        "Lambda requests (1 alert + 1 per step message + 2 approval)",
+        "Lambda requests (1 alert + 1 per SQS message + 2 approval)",
         lambda_invocations,
         lambda_req
     );
@@ -1284,6 +1302,16 @@ async fn api_calls_and_cost() -> Moto {
     println!(
         "| {:<60} | {:>12.2} | {:>9.2} |",
         "total, Lambda duration as measured here", "", total_measured
+    );
+    println!(
+        "| {:<60} | {:>12} | {:>9.2} |",
+        "API Gateway HTTP API requests (the approval link's GET and POST)", api_requests, apigw
+    );
+    println!(
+        "| {:<60} | {:>12} | {:>9.2} |",
+        "total with API Gateway, Lambda duration as measured here",
+        "",
+        total_measured + apigw
     );
     println!(
         "| {:<60} | {:>12} | {:>9.2} |",
@@ -1314,14 +1342,16 @@ async fn api_calls_and_cost() -> Moto {
     println!(
         "Durations measured here are in-process handler times against moto and vendor stand-ins \
          on 127.0.0.1 ({} invocations, the step worker's in {worker_invocations} batches; priced as \
-         one invocation per step message, as at low volume). Step Functions Standard at \
+         one invocation per SQS message, as at low volume). Step Functions Standard at \
          {transitions:.0} transitions per run: ${sfn:.0} per million runs before any Lambda it \
          would call (the issue estimates ~$151 for this playbook); Riposte's whole bill: \
          ${total_measured:.2} (measured durations) to ${total_assumed:.2} ({ASSUMED_INVOCATION_MS:.0} \
          ms assumed). On provisioned capacity (${DDB_PER_WCU_HOUR}/WCU-hour, \
          ${DDB_PER_RCU_HOUR}/RCU-hour, kept {:.0}% used by auto scaling: ${:.2}/M WRU, ${:.2}/M \
          RRU), which suits a steady volume rather than alert storms, DynamoDB would cost \
-         ${ddb_provisioned:.2} instead of ${:.2}.",
+         ${ddb_provisioned:.2} instead of ${:.2}. Totals leave out API Gateway (${apigw:.2} for \
+         the approval's {api_requests} requests, the same whatever engine is behind them) unless \
+         they say otherwise, and CloudWatch Logs.",
         invocations.len(),
         DDB_PROVISIONED_USE * 100.0,
         per_million(DDB_PER_WCU_HOUR),

@@ -492,7 +492,7 @@ impl Deployment {
         }]}))
         .unwrap();
         let response =
-            riposte_lambda::on_messages(&self.worker_fn, event, MAX_RECEIVES, None).await;
+            riposte_lambda::on_messages_in_order(&self.worker_fn, event, MAX_RECEIVES, None).await;
         if response.batch_item_failures.is_empty() {
             self.sqs
                 .delete_message()

@@ -505,11 +505,8 @@ async fn a_worker_near_its_deadline_hands_the_next_steps_to_the_queue() {
 fn steps_in(messages: &[aws_sdk_sqs::types::Message]) -> Vec<String> {
     let mut steps: Vec<String> = messages
         .iter()
-        .map(|m| {
-            riposte_aws::parse_message(m.body.as_deref().unwrap())
-                .unwrap()
-                .step
-        })
+        .flat_map(|m| riposte_aws::parse_sent(m.body.as_deref().unwrap()).unwrap())
+        .map(|(m, _)| m.step)
         .collect();
     steps.sort();
     steps
@@ -644,6 +641,11 @@ async fn decide_block_in_one_batch(v: &Vendors, writes: &Arc<Writes>, a: &Aws) -
         steps_in(&messages),
         ["ask_admins", "block_ip", "disable_user"]
     );
+    assert_eq!(
+        messages.len(),
+        1,
+        "the decision's three step messages travel as one SQS message"
+    );
     let before = writes.landed.load(Ordering::SeqCst);
     let response = riposte_lambda::on_messages(&a.service, event, 5, None).await;
     acknowledge(&a.sqs, &a.queue, &messages, &response).await;
@@ -735,6 +737,9 @@ async fn a_worker_lost_before_recording_grouped_steps_has_them_done_again() {
         revokes, 2,
         "revoke_sessions was done again, as repeat-safe work may be"
     );
+    // The SQS message came back whole, block_ip's step message with it: its outcome was
+    // recorded the first time, so the firewall is not called again.
+    assert_eq!(v.panos.requests().len(), 1, "the firewall was called once");
 }
 
 /// Outcomes are held only briefly: with a user directory taking over two seconds a call,
@@ -854,4 +859,81 @@ async fn a_message_whose_write_never_lands_is_dropped_without_failing_its_run() 
         "the run is untouched"
     );
     assert!(v.servicenow.requests().is_empty());
+}
+
+/// Counts the playbook reads of the functions' store.
+#[derive(Default)]
+struct PlaybookReads(Arc<AtomicUsize>);
+
+impl Hook for PlaybookReads {
+    async fn around<T: Send>(
+        &self,
+        op: Op<'_>,
+        call: futures_util::future::BoxFuture<'_, Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        if matches!(op, Op::GetPlaybook { .. }) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+        call.await
+    }
+}
+
+/// A warm alert function starts runs of a playbook it has read without reading it again; a new
+/// version saved meanwhile (by another function: `riposte sync` at deploy, the admin API) is
+/// what its runs start once its rules cache (5 s) has passed, as a rule change would be.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_warm_alert_function_starts_a_new_playbook_version_after_its_rules_cache() {
+    let v = vendors().await;
+    let reads = Arc::new(AtomicUsize::new(0));
+    let hook = PlaybookReads(reads.clone());
+    let a = aws_over(&v, move |s| Arc::new(Wrapped::new(s, hook))).await;
+    let start = |n: u32| {
+        let mut e = event("guardduty-malicious-ip-caller.json");
+        e["id"] = json!(format!("c8c4daa7-a20c-2f03-0070-{n:012}"));
+        e["detail"]["id"] = json!(format!("finding-{n}"));
+        let service = a.service.clone();
+        async move {
+            let out = riposte_lambda::on_event(&service, &e, AlertKind::Alert)
+                .await
+                .unwrap();
+            out["alerts"][0]["runs"][0].as_str().unwrap().to_string()
+        }
+    };
+    let first = start(1).await;
+    assert_eq!(a.run(&first).await.playbook_version, 1);
+    let cold = reads.load(Ordering::SeqCst);
+    assert!(cold >= 1, "a cold function reads the playbook");
+    let second = start(2).await;
+    assert_ne!(second, first);
+    assert_eq!(
+        reads.load(Ordering::SeqCst),
+        cold,
+        "a warm function reads no playbook"
+    );
+
+    // Another function saves version 2.
+    let admin =
+        riposte::sync::admin_service(a.store.clone(), &repo().join("infra/connections.yaml"))
+            .unwrap();
+    let text =
+        std::fs::read_to_string(repo().join("infra/playbooks/block-or-ignore-malicious-ip.yaml"))
+            .unwrap();
+    let mut spec = riposte_core::playbook::parse_spec(&text, None).unwrap();
+    spec.description = "version 2".into();
+    assert_eq!(admin.put_playbook(spec, "deploy").await.unwrap().version, 2);
+
+    let third = start(3).await;
+    assert_eq!(
+        a.run(&third).await.playbook_version,
+        1,
+        "within the rules cache"
+    );
+    a.clock.advance(riposte_lambda::RULES_CACHE_MS);
+    let fourth = start(4).await;
+    assert_eq!(
+        a.run(&fourth).await.playbook_version,
+        2,
+        "after the rules cache, the new version"
+    );
+    assert!(reads.load(Ordering::SeqCst) > cold);
 }

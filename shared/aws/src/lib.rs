@@ -10,7 +10,8 @@
 //!
 //! - **Sent ahead**, when every one is due within SQS's 15-minute delay and is for this run or a
 //!   child the write creates (nearly always): sent to SQS before the write, each naming the
-//!   version the write brings its run to (`after` in the body; [`sent_ahead_of`]). The worker
+//!   version the write brings its run to (`after` in the body; [`sent_ahead_of`]), those of one run
+//!   bundled in one SQS message ([`MAX_BUNDLED`]). The worker
 //!   treats one that finds its run at an older version as ahead, not stale
 //!   ([`riposte_core::service::Service::handle_sent_ahead`]): it waits for the write a moment,
 //!   then hands it back to the queue, and drops it without failing anything when the queue gives
@@ -158,40 +159,75 @@ impl DynamoStore {
     }
 }
 
-/// Reads an SQS message body written by this store: the [`StepMessage`] as JSON.
+/// Reads an SQS message body holding one [`StepMessage`] as JSON (the timer's and an outbox's).
 pub fn parse_message(body: &str) -> Result<StepMessage, String> {
     serde_json::from_str(body).map_err(|e| format!("not a step message: {e}"))
 }
 
-/// Reads an SQS message body written by this store, with the run version it was sent ahead of
-/// (its `after`), if it was: the store sends a write's messages before the write, and the worker
-/// treats one that finds the run at an older version as ahead, not stale
-/// ([`riposte_core::service::Service::handle_sent_ahead`]).
-pub fn parse_sent(body: &str) -> Result<(StepMessage, Option<u64>), String> {
+/// The most step messages one SQS message carries ([`parse_sent`]): a write that makes
+/// several steps of its run ready at once (an approval's decision: both branches and the
+/// announcement) sends them as one, so the queue bills one send, one receive and one delete,
+/// and Lambda one invocation, for all of them. Kept small because the worker handles a body's
+/// messages at once: a wide fan-out still spreads over many invocations.
+pub const MAX_BUNDLED: usize = 4;
+
+/// Reads an SQS message body written by this store: its step messages, each with the run
+/// version it was sent ahead of (its `after`), if it was. The store sends a write's messages
+/// before the write, and the worker treats one that finds the run at an older version as
+/// ahead, not stale ([`riposte_core::service::Service::handle_sent_ahead`]).
+///
+/// Two shapes: one [`StepMessage`] as JSON, with `after` when sent ahead; or
+/// `{"after": N, "messages": [...]}`, up to [`MAX_BUNDLED`] messages of one run sent ahead of
+/// one write.
+pub fn parse_sent(body: &str) -> Result<Vec<(StepMessage, Option<u64>)>, String> {
     #[derive(serde::Deserialize)]
-    struct Envelope {
-        #[serde(flatten)]
-        msg: StepMessage,
-        #[serde(default)]
-        after: Option<u64>,
+    #[serde(untagged)]
+    enum Body {
+        Bundle {
+            after: u64,
+            messages: Vec<StepMessage>,
+        },
+        One {
+            #[serde(flatten)]
+            msg: StepMessage,
+            #[serde(default)]
+            after: Option<u64>,
+        },
     }
-    serde_json::from_str::<Envelope>(body)
-        .map(|e| (e.msg, e.after))
-        .map_err(|e| format!("not a step message: {e}"))
+    match serde_json::from_str::<Body>(body) {
+        Ok(Body::One { msg, after }) => Ok(vec![(msg, after)]),
+        Ok(Body::Bundle { messages, .. }) if messages.is_empty() => {
+            Err("not a step message: a bundle of no messages".into())
+        }
+        Ok(Body::Bundle { after, messages }) => {
+            Ok(messages.into_iter().map(|m| (m, Some(after))).collect())
+        }
+        Err(_) => Err(format!(
+            "not a step message: {}",
+            serde_json::from_str::<StepMessage>(body)
+                .err()
+                .map_or_else(|| "unreadable".to_string(), |e| e.to_string())
+        )),
+    }
 }
 
 /// The run version a message body was sent ahead of, if it was (see [`parse_sent`]).
 pub fn sent_ahead_of(body: &str) -> Option<u64> {
-    parse_sent(body).ok()?.1
+    parse_sent(body).ok()?.first()?.1
 }
 
-/// The body of a message sent ahead of the write that brings its run to version `after`.
-pub(crate) fn body_sent_ahead(msg: &StepMessage, after: u64) -> Result<String, StoreError> {
-    let mut value = serde_json::to_value(msg).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-    if let Some(fields) = value.as_object_mut() {
-        fields.insert("after".into(), after.into());
+/// The body of messages sent ahead of the write that brings their run to version `after`: one
+/// message as itself, several (at most [`MAX_BUNDLED`], of one run) as a bundle.
+pub(crate) fn body_sent_ahead(msgs: &[&StepMessage], after: u64) -> Result<String, StoreError> {
+    let corrupt = |e: serde_json::Error| StoreError::Corrupt(e.to_string());
+    if let [msg] = msgs {
+        let mut value = serde_json::to_value(msg).map_err(corrupt)?;
+        if let Some(fields) = value.as_object_mut() {
+            fields.insert("after".into(), after.into());
+        }
+        return Ok(value.to_string());
     }
-    Ok(value.to_string())
+    serde_json::to_string(&serde_json::json!({"after": after, "messages": msgs})).map_err(corrupt)
 }
 
 #[cfg(test)]
@@ -214,10 +250,40 @@ mod tests {
         );
         assert!(parse_message("{\"run_id\": 1}").is_err());
         // Sent ahead of a write, the body names the version; the message is the same.
-        let ahead = body_sent_ahead(&m, 4).unwrap();
+        let ahead = body_sent_ahead(&[&m], 4).unwrap();
         assert_eq!(parse_message(&ahead).unwrap(), m);
+        assert_eq!(parse_sent(&ahead).unwrap(), [(m.clone(), Some(4))]);
         assert_eq!(sent_ahead_of(&ahead), Some(4));
-        assert_eq!(sent_ahead_of(&serde_json::to_string(&m).unwrap()), None);
+        let plain = serde_json::to_string(&m).unwrap();
+        assert_eq!(parse_sent(&plain).unwrap(), [(m.clone(), None)]);
+        assert_eq!(sent_ahead_of(&plain), None);
+    }
+
+    #[test]
+    fn a_bundle_parses_to_its_messages_in_order_each_ahead_of_the_write() {
+        let m = |step: &str, kind| StepMessage {
+            run_id: "r".into(),
+            step: step.into(),
+            iteration: 0,
+            attempt: 1,
+            kind,
+        };
+        let (a, b) = (
+            m("block_ip", MessageKind::Execute),
+            m("ask", MessageKind::Announce),
+        );
+        let body = body_sent_ahead(&[&a, &b], 6).unwrap();
+        assert_eq!(
+            parse_sent(&body).unwrap(),
+            [(a, Some(6)), (b, Some(6))],
+            "{body}"
+        );
+        assert_eq!(sent_ahead_of(&body), Some(6));
+        // Not a step message either way: the error says what is wrong.
+        let empty = parse_sent(r#"{"after": 6, "messages": []}"#).unwrap_err();
+        assert!(empty.contains("no messages"), "{empty}");
+        let bad = parse_sent(r#"{"run_id": "r"}"#).unwrap_err();
+        assert!(bad.contains("missing field"), "{bad}");
     }
 
     #[test]

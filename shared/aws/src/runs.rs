@@ -196,7 +196,8 @@ impl DynamoStore {
 
     /// Sends a write's messages ahead of it when they all can be (`true`): each due within SQS's
     /// delay, and for this run or a child the write creates. Each names the version the write
-    /// brings its run to (1 for a child). No outbox, so nothing to clear: a writer that dies in
+    /// brings its run to (1 for a child); those of one run due at once go as one SQS message, up
+    /// to [`crate::MAX_BUNDLED`] in each. No outbox, so nothing to clear: a writer that dies in
     /// between, or is refused, leaves messages that are ahead of a write that never landed
     /// (dropped when the queue gives up on them) or that find the run as another writer left it
     /// (stale or current, like any duplicate). The write that makes them current is redone by
@@ -211,7 +212,8 @@ impl DynamoStore {
         fx: &Effects,
         now: Millis,
     ) -> Result<bool, StoreError> {
-        let mut bodies = Vec::with_capacity(messages.len());
+        // Grouped by (run, version it is ahead of, delay), in the order they came.
+        let mut groups: Vec<(&str, u64, i32, Vec<&StepMessage>)> = Vec::new();
         for (m, delay) in messages {
             let due = now.saturating_add(Millis::try_from(*delay).unwrap_or(Millis::MAX));
             let after = if m.run_id == run.id {
@@ -224,7 +226,19 @@ impl DynamoStore {
             let Some(delay) = queue_delay(due, now) else {
                 return Ok(false);
             };
-            bodies.push((body_sent_ahead(m, after)?, delay));
+            match groups
+                .iter_mut()
+                .find(|g| g.0 == m.run_id && g.1 == after && g.2 == delay)
+            {
+                Some(g) => g.3.push(m),
+                None => groups.push((&m.run_id, after, delay, vec![m])),
+            }
+        }
+        let mut bodies = Vec::with_capacity(messages.len());
+        for (_, after, delay, msgs) in &groups {
+            for bundle in msgs.chunks(crate::MAX_BUNDLED) {
+                bodies.push((body_sent_ahead(bundle, *after)?, *delay));
+            }
         }
         self.send_bodies(&bodies).await?;
         Ok(true)

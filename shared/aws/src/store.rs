@@ -51,6 +51,25 @@ impl DynamoStore {
         Ok(out.item)
     }
 
+    /// An item that never changes once written (a playbook version): read eventually
+    /// consistent, at half the price, and again strongly consistent if that read does not find
+    /// it (written too recently to have reached every replica).
+    async fn get_immutable(&self, pk: String, sk: &str) -> Result<Option<Item>, StoreError> {
+        let out = self
+            .dynamo
+            .get_item()
+            .table_name(&self.config.table)
+            .set_key(Some(key(pk.as_str(), sk)))
+            .consistent_read(false)
+            .send()
+            .await
+            .map_err(|e| unavailable(&format!("reading {pk}/{sk}"), e))?;
+        match out.item {
+            Some(item) => Ok(Some(item)),
+            None => self.get(pk, sk).await,
+        }
+    }
+
     /// Every item of a gsi1 partition, in sort key order.
     async fn query_gsi1(&self, pk: String) -> Result<Vec<Item>, StoreError> {
         let mut out = Vec::new();
@@ -272,8 +291,10 @@ impl Store for DynamoStore {
         match version {
             Some(v) => {
                 let sk = playbook_version_sk(v);
-                let (item, head) =
-                    tokio::try_join!(self.get(pk.clone(), &sk), self.get(pk.clone(), SK_HEAD))?;
+                let (item, head) = tokio::try_join!(
+                    self.get_immutable(pk.clone(), &sk),
+                    self.get(pk.clone(), SK_HEAD)
+                )?;
                 let deleted = head.as_ref().is_some_and(|h| h.flag("deleted"));
                 item.map(|i| Self::stored_playbook(&i, deleted)).transpose()
             }
@@ -285,7 +306,7 @@ impl Store for DynamoStore {
                     return Ok(None);
                 }
                 let latest: u32 = head.num("latest")?;
-                self.get(pk, &playbook_version_sk(latest))
+                self.get_immutable(pk, &playbook_version_sk(latest))
                     .await?
                     .map(|i| Self::stored_playbook(&i, false))
                     .transpose()

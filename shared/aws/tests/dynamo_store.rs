@@ -450,7 +450,8 @@ async fn a_wide_fan_out_in_one_write_all_arrives() {
     let r = run("fan", T0);
     f.store.create_run(&r, &none()).await.unwrap();
     let fx = Effects {
-        // 25 batches; the compact outbox's room for 1000 is checked in the unit tests.
+        // 63 SQS messages of at most four, in 7 batches; the compact outbox's room for 1000 is
+        // checked in the unit tests.
         messages: (0..250)
             .map(|i| {
                 let mut m = msg("fan", "block_ip");
@@ -461,6 +462,11 @@ async fn a_wide_fan_out_in_one_write_all_arrives() {
         new_runs: vec![],
     };
     f.store.save_run(&r, 1, &fx).await.unwrap();
+    assert_eq!(
+        f.queued().await,
+        250usize.div_ceil(riposte_aws::MAX_BUNDLED),
+        "the fan-out's messages travel bundled"
+    );
     let got: HashSet<u32> = f.drain().await.into_iter().map(|m| m.iteration).collect();
     assert_eq!(got, (0..250).collect());
     assert!(!f.raw_run("fan").await.unwrap().contains_key("outbox"));
@@ -1311,4 +1317,101 @@ async fn writers_racing_from_one_version_make_it_once_and_the_log_reads_as_the_w
     loser.save_run(&again, v, &none()).await.unwrap();
     assert!(f.raw_run("r1").await.unwrap().contains_key("p"));
     assert_eq!(f.store.load_run("r1").await.unwrap().unwrap(), (again, 3));
+}
+
+/// Records each GetItem's key and whether it asked for a strongly consistent read.
+#[derive(Debug, Clone, Default)]
+struct GetItems(Arc<std::sync::Mutex<Vec<(String, bool)>>>);
+
+impl aws_sdk_dynamodb::config::Intercept for GetItems {
+    fn name(&self) -> &'static str {
+        "get-items"
+    }
+
+    fn read_before_transmit(
+        &self,
+        context: &aws_sdk_dynamodb::config::interceptors::BeforeTransmitInterceptorContextRef<'_>,
+        _: &aws_sdk_dynamodb::config::RuntimeComponents,
+        _: &mut aws_sdk_dynamodb::config::ConfigBag,
+    ) -> Result<(), aws_sdk_dynamodb::error::BoxError> {
+        let request = context.request();
+        let target = request.headers().get("x-amz-target");
+        if target.is_some_and(|t| t.ends_with(".GetItem")) {
+            let body: serde_json::Value =
+                serde_json::from_slice(request.body().bytes().unwrap_or_default())?;
+            let key = format!("{}|{}", body["Key"]["pk"]["S"], body["Key"]["sk"]["S"]);
+            let strong = body["ConsistentRead"].as_bool().unwrap_or(false);
+            self.0.lock().unwrap().push((key.replace('"', ""), strong));
+        }
+        Ok(())
+    }
+}
+
+/// A playbook version never changes once written, so it is read eventually consistent (half
+/// the read units: a 4.5 KB playbook costs 1 RRU instead of 2); its head, which says which
+/// version is latest and whether the playbook was deleted, strongly.
+#[tokio::test]
+async fn a_playbook_version_is_read_at_half_price_and_its_head_strongly() {
+    let f = fixture().await;
+    let gets = GetItems::default();
+    let client = aws_sdk_dynamodb::Client::from_conf(
+        f.dynamo
+            .config()
+            .to_builder()
+            .interceptor(gets.clone())
+            .build(),
+    );
+    let store = riposte_aws::DynamoStore::new(
+        client,
+        f.sqs.clone(),
+        riposte_aws::AwsConfig {
+            table: f.table.clone(),
+            queue_url: f.queue_url.clone(),
+            retention_days: RETENTION_DAYS,
+        },
+        f.clock.clone(),
+    );
+    store
+        .put_playbook(&playbook("block-ip", "Block an IP"), "ann", T0)
+        .await
+        .unwrap();
+    gets.0.lock().unwrap().clear();
+    let latest = store.get_playbook("block-ip", None).await.unwrap().unwrap();
+    let pinned = store
+        .get_playbook("block-ip", Some(1))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((latest.version, pinned.version), (1, 1));
+    let mut got = gets.0.lock().unwrap().clone();
+    got.sort();
+    assert_eq!(
+        got,
+        [
+            ("PB#block-ip|HEAD".to_string(), true),
+            ("PB#block-ip|HEAD".to_string(), true),
+            ("PB#block-ip|V#0000000001".to_string(), false),
+            ("PB#block-ip|V#0000000001".to_string(), false),
+        ]
+    );
+    // A version not found by an eventually consistent read (too recent for every replica, or
+    // absent) is asked for again, strongly: absent is only ever the table's answer.
+    gets.0.lock().unwrap().clear();
+    assert!(
+        store
+            .get_playbook("block-ip", Some(2))
+            .await
+            .unwrap()
+            .is_none()
+    );
+    let mut got = gets.0.lock().unwrap().clone();
+    got.sort();
+    assert_eq!(
+        got,
+        [
+            ("PB#block-ip|HEAD".to_string(), true),
+            ("PB#block-ip|V#0000000002".to_string(), false),
+            ("PB#block-ip|V#0000000002".to_string(), true),
+        ]
+    );
 }

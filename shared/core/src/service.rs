@@ -161,6 +161,9 @@ pub struct Service {
     d: Deps,
     playbooks: Mutex<HashMap<(String, u32), Arc<Playbook>>>,
     rules: Mutex<Option<(Millis, Arc<RuleSet>)>>,
+    /// Per playbook: its latest version and when that was read, kept as long as the rules are
+    /// (a warm trigger function starts runs of a cached playbook without reading it).
+    heads: Mutex<HashMap<String, (Millis, u32)>>,
     guards: std::sync::RwLock<Arc<Guards>>,
     kill_switch: Mutex<Option<(Millis, Option<KillSwitch>)>>,
     /// Per run: the newest copy this process wrote and its version, behind a lock held while an
@@ -301,6 +304,7 @@ impl Service {
             d,
             playbooks: Mutex::new(HashMap::new()),
             rules: Mutex::new(None),
+            heads: Mutex::new(HashMap::new()),
             guards: std::sync::RwLock::new(Arc::new(Guards::default())),
             kill_switch: Mutex::new(None),
             written: Mutex::new(HashMap::new()),
@@ -432,13 +436,32 @@ impl Service {
         Ok(p)
     }
 
+    /// The latest version of a playbook, as new runs start it. Which version is latest is kept
+    /// as long as the rules are (see [`Config::rules_cache_ms`]): a new version is picked up as
+    /// soon as a rule change would be.
     async fn latest_playbook(&self, id: &str) -> Result<Arc<Playbook>, Error> {
+        let now = self.now();
+        let head = self.heads.lock().map_err(|_| poisoned())?.get(id).copied();
+        if let Some((at, version)) = head
+            && (self.d.config.rules_cache_ms == 0 || now - at < self.d.config.rules_cache_ms)
+            && let Some(p) = self
+                .playbooks
+                .lock()
+                .map_err(|_| poisoned())?
+                .get(&(id.to_string(), version))
+        {
+            return Ok(p.clone());
+        }
         let stored = self
             .d
             .store
             .get_playbook(id, None)
             .await?
             .ok_or_else(|| Error::NotFound(format!("playbook `{id}` not found")))?;
+        self.heads
+            .lock()
+            .map_err(|_| poisoned())?
+            .insert(id.to_string(), (now, stored.version));
         let key = (id.to_string(), stored.version);
         if let Some(p) = self.playbooks.lock().map_err(|_| poisoned())?.get(&key) {
             return Ok(p.clone());
@@ -470,9 +493,13 @@ impl Service {
         Ok(rules)
     }
 
+    /// Forgets the rules and which playbook versions are latest: read again at the next event.
     fn forget_rules(&self) {
         if let Ok(mut r) = self.rules.lock() {
             *r = None;
+        }
+        if let Ok(mut h) = self.heads.lock() {
+            h.clear();
         }
     }
 
@@ -1591,6 +1618,7 @@ impl Service {
         }
         let now = self.now();
         let version = self.d.store.put_playbook(&spec, by, now).await?;
+        self.forget_rules();
         self.audit(
             by,
             "playbook.put",
@@ -1611,6 +1639,7 @@ impl Service {
         if !self.d.store.delete_playbook(id).await? {
             return Err(Error::NotFound(format!("playbook `{id}` not found")));
         }
+        self.forget_rules();
         self.audit(by, "playbook.delete", id, None).await
     }
 

@@ -164,13 +164,36 @@ pub async fn on_messages(
     max_receives: u32,
     budget: Option<std::time::Duration>,
 ) -> SqsBatchResponse {
+    handle_batch(service, event, max_receives, budget, true).await
+}
+
+/// [`on_messages`] with each SQS message's step messages handled one after the other, in the
+/// order sent, instead of at once: the same outcome, in an order a test can replay (the crash
+/// sweep names each store operation by its place).
+#[doc(hidden)]
+pub async fn on_messages_in_order(
+    service: &Service,
+    event: SqsEvent,
+    max_receives: u32,
+    budget: Option<std::time::Duration>,
+) -> SqsBatchResponse {
+    handle_batch(service, event, max_receives, budget, false).await
+}
+
+async fn handle_batch(
+    service: &Service,
+    event: SqsEvent,
+    max_receives: u32,
+    budget: Option<std::time::Duration>,
+    at_once: bool,
+) -> SqsBatchResponse {
     // The messages of a batch are handled at once: the batch then takes as long as its slowest
     // message, never the sum, so one slow vendor cannot run the function out of time.
     let outcomes = futures_util::future::join_all(
         event
             .records
             .into_iter()
-            .map(|record| on_message(service, record, max_receives, budget)),
+            .map(|record| on_message(service, record, max_receives, budget, at_once)),
     )
     .await;
     let mut response = SqsBatchResponse::default();
@@ -191,16 +214,20 @@ pub fn remaining(deadline_ms: u64) -> std::time::Duration {
 /// in all) before it goes back to the queue.
 const AHEAD_PAUSES_MS: [u64; 6] = [50, 100, 200, 400, 800, 1_000];
 
-/// One message of a batch: `Some(failure)` when it must be delivered again.
+/// One SQS message of a batch: `Some(failure)` when it must be delivered again. A bundle's step
+/// messages ([`riposte_aws::MAX_BUNDLED`], of one run) are handled at once; when one of them
+/// must be delivered again, so is the bundle, and the others then find their work recorded
+/// (each handling is safe to repeat) and cost only the read of their run.
 async fn on_message(
     service: &Service,
     record: aws_lambda_events::sqs::SqsMessage,
     max_receives: u32,
     budget: Option<std::time::Duration>,
+    at_once: bool,
 ) -> Option<BatchItemFailure> {
     let id = record.message_id.clone().unwrap_or_default();
     let body = record.body.clone().unwrap_or_default();
-    let (msg, after) = match riposte_aws::parse_sent(&body) {
+    let sent = match riposte_aws::parse_sent(&body) {
         Ok(parsed) => parsed,
         Err(e) => {
             // It can never succeed: acknowledge it instead of feeding a retry storm.
@@ -213,9 +240,39 @@ async fn on_message(
         .get("ApproximateReceiveCount")
         .and_then(|n| n.parse().ok())
         .unwrap_or(1);
+    let deadline = budget.map(|b| std::time::Instant::now() + b);
+    let handle =
+        |(msg, after)| on_step_message(service, msg, after, receives, max_receives, deadline);
+    let failed = if at_once {
+        futures_util::future::join_all(sent.into_iter().map(handle))
+            .await
+            .into_iter()
+            .any(|again| again)
+    } else {
+        let mut again = false;
+        for one in sent {
+            again |= handle(one).await;
+        }
+        again
+    };
+    failed.then(|| {
+        let mut f = BatchItemFailure::default();
+        f.item_identifier = id;
+        f
+    })
+}
+
+/// One step message of an SQS message: `true` when it must be delivered again.
+async fn on_step_message(
+    service: &Service,
+    msg: riposte_core::run::StepMessage,
+    after: Option<u64>,
+    receives: u32,
+    max_receives: u32,
+    deadline: Option<std::time::Instant>,
+) -> bool {
     // Sent ahead of a write that has not landed yet: most often it lands within milliseconds, so
     // the message waits for it here a little before going back to the queue.
-    let deadline = budget.map(|b| std::time::Instant::now() + b);
     let left = || deadline.map(|d| d.saturating_duration_since(std::time::Instant::now()));
     let mut handled = service.handle_sent_ahead(&msg, after, left()).await;
     for pause in AHEAD_PAUSES_MS {
@@ -226,13 +283,13 @@ async fn on_message(
         handled = service.handle_sent_ahead(&msg, after, left()).await;
     }
     let reason = match handled {
-        Ok(Handled::Done) => return None,
+        Ok(Handled::Done) => return false,
         Ok(Handled::Retry { reason, .. }) => reason,
         Ok(Handled::Ahead) if receives >= max_receives => {
             // Its write never landed (its writer died, or was refused and wrote again with
             // messages of its own): nothing is owed to it, and its run is not failed.
             tracing::warn!(message = "Step message sent ahead of a write that never landed dropped.", run_id = %msg.run_id, step = %msg.step);
-            return None;
+            return false;
         }
         Ok(Handled::Ahead) => "sent ahead of a write that has not landed".to_string(),
         Err(e) => e.to_string(),
@@ -247,9 +304,7 @@ async fn on_message(
             tracing::error!(message = "Failing the run failed.", run_id = %msg.run_id, error = %e);
         }
     }
-    let mut f = BatchItemFailure::default();
-    f.item_identifier = id;
-    Some(f)
+    true
 }
 
 /// The header the HTTP function sets from API Gateway's verified IAM caller; any value a client

@@ -293,10 +293,7 @@ impl Fixture {
         let mut receipts = Vec::new();
         for (i, m) in got.messages().iter().enumerate() {
             let body = m.body().expect("a body");
-            out.push((
-                riposte_aws::parse_message(body).expect("a step message"),
-                riposte_aws::sent_ahead_of(body),
-            ));
+            out.extend(riposte_aws::parse_sent(body).expect("step messages"));
             receipts.push(
                 DeleteMessageBatchRequestEntry::builder()
                     .id(i.to_string())

@@ -68,6 +68,10 @@ pub enum Op<'a> {
     LoadRun {
         id: &'a str,
     },
+    /// [`Store::load_run_lagging`].
+    LoadRunLagging {
+        id: &'a str,
+    },
     SaveRun {
         run: &'a Run,
         version: u64,
@@ -117,6 +121,7 @@ impl<'a> Op<'a> {
             Op::DeleteRule { .. } => "delete_rule",
             Op::CreateRun { .. } => "create_run",
             Op::LoadRun { .. } => "load_run",
+            Op::LoadRunLagging { .. } => "load_run_lagging",
             Op::SaveRun { .. } => "save_run",
             Op::ListRuns { .. } => "list_runs",
             Op::PutEvent { .. } => "put_event",
@@ -136,6 +141,7 @@ impl<'a> Op<'a> {
             | Op::GetRule { .. }
             | Op::ListRules { .. }
             | Op::LoadRun { .. }
+            | Op::LoadRunLagging { .. }
             | Op::ListRuns { .. }
             | Op::GetEvent { .. }
             | Op::ListAudit { .. }
@@ -209,6 +215,11 @@ impl<H: Hook> Store for Wrapped<H> {
         let call = self.inner.get_playbook(id, version);
         self.hook.around(op, call).await
     }
+    async fn latest_playbook_version(&self, id: &str) -> Result<Option<u32>, StoreError> {
+        let op = Op::GetPlaybook { id, version: None };
+        let call = self.inner.latest_playbook_version(id);
+        self.hook.around(op, call).await
+    }
     async fn list_playbooks(&self) -> Result<Vec<StoredPlaybook>, StoreError> {
         let call = self.inner.list_playbooks();
         self.hook.around(Op::ListPlaybooks, call).await
@@ -236,6 +247,10 @@ impl<H: Hook> Store for Wrapped<H> {
     async fn create_run(&self, run: &Run, fx: &Effects) -> Result<bool, StoreError> {
         let call = self.inner.create_run(run, fx);
         self.hook.around(Op::CreateRun { run, fx }, call).await
+    }
+    async fn load_run_lagging(&self, id: &str) -> Result<Option<(Run, u64)>, StoreError> {
+        let call = self.inner.load_run_lagging(id);
+        self.hook.around(Op::LoadRunLagging { id }, call).await
     }
     async fn load_run(&self, id: &str) -> Result<Option<(Run, u64)>, StoreError> {
         let call = self.inner.load_run(id);

@@ -937,3 +937,88 @@ async fn a_warm_alert_function_starts_a_new_playbook_version_after_its_rules_cac
     );
     assert!(reads.load(Ordering::SeqCst) > cold);
 }
+
+/// Counts the functions' run reads, lagging and strong; while `lag` is set, a lagging read
+/// fails as if it had not found the run's latest write.
+#[derive(Default)]
+struct RunReads {
+    lag: AtomicBool,
+    lagging: AtomicUsize,
+    strong: AtomicUsize,
+}
+
+struct CountRunReads(Arc<RunReads>);
+
+impl Hook for CountRunReads {
+    async fn around<T: Send>(
+        &self,
+        op: Op<'_>,
+        call: futures_util::future::BoxFuture<'_, Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        match op {
+            Op::LoadRunLagging { .. } => {
+                self.0.lagging.fetch_add(1, Ordering::SeqCst);
+                if self.0.lag.load(Ordering::SeqCst) {
+                    return Err(StoreError::Unavailable("not on this replica yet".into()));
+                }
+            }
+            Op::LoadRun { .. } => {
+                self.0.strong.fetch_add(1, Ordering::SeqCst);
+            }
+            _ => {}
+        }
+        call.await
+    }
+}
+
+/// The confirm page (GET, what mail scanners fetch too) reads the run with a read that may
+/// lag (eventually consistent: half the price); the decision (POST) reads it strongly. A page
+/// whose read lags behind the approval's write is read again, strongly, and still shows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_confirm_page_reads_at_half_price_and_again_strongly_when_that_read_lags() {
+    let v = vendors().await;
+    let reads = Arc::new(RunReads::default());
+    let hook = CountRunReads(reads.clone());
+    let a = aws_over(&v, move |s| Arc::new(Wrapped::new(s, hook))).await;
+    let id = started(&a).await;
+    a.asking(&id).await;
+    let path = link(&v, "Block")
+        .strip_prefix("https://riposte.example.com")
+        .unwrap()
+        .to_string();
+    let page = |a: &Aws| {
+        let app = riposte_lambda::http_app(a.service.clone());
+        let req = Request::get(path.clone()).body(Body::empty()).unwrap();
+        async move {
+            let resp = app.oneshot(req).await.unwrap();
+            let status = resp.status().as_u16();
+            let body = axum::body::to_bytes(resp.into_body(), 1 << 20)
+                .await
+                .unwrap();
+            (status, String::from_utf8_lossy(&body).into_owned())
+        }
+    };
+    let count = |r: &RunReads| {
+        (
+            r.lagging.swap(0, Ordering::SeqCst),
+            r.strong.swap(0, Ordering::SeqCst),
+        )
+    };
+    count(&reads);
+    let (status, body) = page(&a).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("Block"), "{body}");
+    assert_eq!(count(&reads), (1, 0), "one lagging read, no strong one");
+
+    reads.lag.store(true, Ordering::SeqCst);
+    let (status, body) = page(&a).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(count(&reads), (1, 1), "the lagging read, then a strong one");
+    reads.lag.store(false, Ordering::SeqCst);
+
+    assert_eq!(a.post_link(&link(&v, "Block")).await.0, 200);
+    let (lagging, strong) = count(&reads);
+    assert_eq!(lagging, 0, "the decision never reads a lagging run");
+    assert!(strong >= 1);
+    a.succeeded(&id).await;
+}

@@ -10,7 +10,7 @@
 //! timer item, and only if it is still the same outbox (its id). A timer item is deleted only
 //! after SQS accepted its message.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use aws_sdk_dynamodb::operation::put_item::PutItemError;
@@ -586,7 +586,7 @@ impl DynamoStore {
     }
 
     async fn read_run_once(&self, run_id: &str) -> Result<Option<(Run, u64)>, StoreError> {
-        let Some(log) = self.read_log(run_id).await? else {
+        let Some(log) = self.read_log(run_id, true).await? else {
             return Ok(None);
         };
         for ob in &log.outboxes {
@@ -600,19 +600,34 @@ impl DynamoStore {
         Ok(Some((log.run, log.version)))
     }
 
+    /// A run as an eventually consistent read of its log finds it (half the price; it may
+    /// miss the latest write for a moment): for showing, never for writing on. Nothing is
+    /// flushed or remembered.
+    pub(crate) async fn read_run_lagging(
+        &self,
+        run_id: &str,
+    ) -> Result<Option<(Run, u64)>, StoreError> {
+        Ok(self
+            .read_log(run_id, false)
+            .await?
+            .map(|log| (log.run, log.version)))
+    }
+
     /// A run as its log stands, without flushing anything (for tests and tools: what a reader
     /// finds), and whether an outbox is pending on any of its items.
     #[doc(hidden)]
     pub async fn peek_run(&self, run_id: &str) -> Result<Option<(Run, u64, bool)>, StoreError> {
         Ok(self
-            .read_log(run_id)
+            .read_log(run_id, true)
             .await?
             .map(|l| (l.run, l.version, !l.outboxes.is_empty())))
     }
 
     /// One query of the run's partition, newest first: its version items (the latest chain is
-    /// applied; expired items are left out), then its input.
-    async fn read_log(&self, run_id: &str) -> Result<Option<Log>, StoreError> {
+    /// applied; expired items are left out), then its input. `consistent`: a strongly
+    /// consistent read (what writers write on, and remember); otherwise eventually consistent,
+    /// at half the price, which may miss the latest write for a moment.
+    async fn read_log(&self, run_id: &str, consistent: bool) -> Result<Option<Log>, StoreError> {
         let now = self.clock.now();
         let mut items = Vec::new();
         let mut start = None;
@@ -625,7 +640,7 @@ impl DynamoStore {
                 .key_condition_expression("pk = :pk")
                 .set_expression_attribute_values(values([(":pk", s(run_pk(run_id)))]))
                 .scan_index_forward(false)
-                .consistent_read(true)
+                .consistent_read(consistent)
                 .set_exclusive_start_key(start)
                 .send()
                 .await
@@ -658,7 +673,9 @@ impl DynamoStore {
         let version = recent.version;
         let mut run = <Run as serde::Deserialize>::deserialize(&recent.json)
             .map_err(|e| StoreError::Corrupt(format!("run {run_id} version {version}: {e}")))?;
-        self.recent.remember(run_id, recent);
+        if consistent {
+            self.recent.remember(run_id, recent);
+        }
         if let Some(input) = input {
             run.input = from_json(
                 &format!("input of run {run_id}"),
@@ -967,11 +984,23 @@ impl DynamoStore {
         let mut seen = HashSet::new();
         for shard in 0..marks.len() {
             let (entries, reached) = self.due_wakes(shard, marks[shard], cutoff).await?;
-            for (run_id, due) in entries {
+            // Per run listed: its first entry's time, and the newest version its entries name.
+            let mut listed: Vec<(String, Millis, u64)> = Vec::new();
+            let mut at: HashMap<String, usize> = HashMap::new();
+            for (run_id, due, version) in entries {
+                match at.get(&run_id) {
+                    Some(&i) => listed[i].2 = listed[i].2.max(version),
+                    None => {
+                        at.insert(run_id.clone(), listed.len());
+                        listed.push((run_id, due, version));
+                    }
+                }
+            }
+            for (run_id, due, version) in listed {
                 if !seen.insert(run_id.clone()) {
                     continue;
                 }
-                match self.fire_run_wakes(&run_id, now).await {
+                match self.fire_run_wakes(&run_id, version, now).await {
                     Ok(n) => fired += n,
                     // Reading it again will not mend it: said, and passed.
                     Err(StoreError::Corrupt(error)) => {
@@ -991,10 +1020,48 @@ impl DynamoStore {
         Ok(fired)
     }
 
+    /// The query of a run's latest version item, eventually consistent (the caller projects
+    /// what it needs).
+    fn latest_version_item(
+        &self,
+        run_id: &str,
+    ) -> aws_sdk_dynamodb::operation::query::builders::QueryFluentBuilder {
+        self.dynamo
+            .query()
+            .table_name(&self.config.table)
+            .key_condition_expression("pk = :pk AND begins_with(sk, :v)")
+            .set_expression_attribute_values(values([
+                (":pk", s(run_pk(run_id))),
+                (":v", s(VERSION_SK_PREFIX)),
+            ]))
+            .scan_index_forward(false)
+            .limit(1)
+    }
+
     /// The wakes of one run due at `now`, sent; or, waiting a day with nothing due, the run
     /// written again. The index lags, and lists superseded versions: the run itself says what
-    /// is due.
-    async fn fire_run_wakes(&self, run_id: &str, now: Millis) -> Result<usize, StoreError> {
+    /// is due. `listed`: the newest version of the run the index listed as due. When the run
+    /// has a newer one, that entry is superseded (a version that still waits has an entry of its
+    /// own), and a look at the latest item's version (eventually consistent, under 4 KB: half a
+    /// read unit) is all it costs; a stale answer only ever shows an older version, which is
+    /// then read in full.
+    async fn fire_run_wakes(
+        &self,
+        run_id: &str,
+        listed: u64,
+        now: Millis,
+    ) -> Result<usize, StoreError> {
+        let latest = self
+            .latest_version_item(run_id)
+            .projection_expression("version")
+            .send()
+            .await
+            .map_err(|e| unavailable(&format!("reading run {run_id}'s latest version"), e))?;
+        if let Some(item) = latest.items().first()
+            && item.num::<u64>("version")? > listed
+        {
+            return Ok(0);
+        }
         let Some((run, version)) = self.read_run(run_id).await? else {
             return Ok(0);
         };
@@ -1020,14 +1087,14 @@ impl DynamoStore {
     }
 
     /// The runs one shard of the wake index lists as due after `mark` and by `cutoff` (each with
-    /// its entry's time), and the mark to keep: `cutoff`, or short of it when the pages ran out
-    /// first.
+    /// its entry's time and version), and the mark to keep: `cutoff`, or short of it when the
+    /// pages ran out first.
     async fn due_wakes(
         &self,
         shard: usize,
         mark: Millis,
         cutoff: Millis,
-    ) -> Result<(Vec<(String, Millis)>, Millis), StoreError> {
+    ) -> Result<(Vec<(String, Millis, u64)>, Millis), StoreError> {
         let mut ids = Vec::new();
         if cutoff <= mark {
             return Ok((ids, mark));
@@ -1059,7 +1126,13 @@ impl DynamoStore {
                     .next()
                     .and_then(|d| d.parse().ok())
                     .unwrap_or(last_due);
-                ids.push((run_id_of(item)?.to_string(), last_due));
+                // Only version items have wakes; any other entry (0) has its run read in full.
+                let version = item
+                    .opt_str("sk")
+                    .and_then(|sk| sk.strip_prefix(VERSION_SK_PREFIX))
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0);
+                ids.push((run_id_of(item)?.to_string(), last_due, version));
             }
             start = page.last_evaluated_key;
             if start.is_none() {
@@ -1258,21 +1331,12 @@ impl DynamoStore {
                 && let Some((i, id)) = next.next()
             {
                 let query = self
-                    .dynamo
-                    .query()
-                    .table_name(&self.config.table)
-                    .key_condition_expression("pk = :pk AND begins_with(sk, :v)")
-                    .set_expression_attribute_values(values([
-                        (":pk", s(run_pk(id))),
-                        (":v", s(VERSION_SK_PREFIX)),
-                    ]))
+                    .latest_version_item(id)
                     .projection_expression("#status, finished_at, #ttl")
                     .set_expression_attribute_names(names([
                         ("#status", "status"),
                         ("#ttl", TTL_ATTRIBUTE),
-                    ]))
-                    .scan_index_forward(false)
-                    .limit(1);
+                    ]));
                 in_flight.spawn(async move { (i, query.send().await) });
             }
             let Some(done) = in_flight.join_next().await else {

@@ -38,13 +38,24 @@ const BATCH_GET: usize = 100;
 const BATCH_GET_ATTEMPTS: usize = 5;
 
 impl DynamoStore {
+    /// An item, read strongly consistent.
     async fn get(&self, pk: String, sk: &str) -> Result<Option<Item>, StoreError> {
+        self.get_as(pk, sk, true).await
+    }
+
+    /// An item, read strongly consistent or (at half the price) eventually consistent.
+    async fn get_as(
+        &self,
+        pk: String,
+        sk: &str,
+        consistent: bool,
+    ) -> Result<Option<Item>, StoreError> {
         let out = self
             .dynamo
             .get_item()
             .table_name(&self.config.table)
             .set_key(Some(key(pk.as_str(), sk)))
-            .consistent_read(true)
+            .consistent_read(consistent)
             .send()
             .await
             .map_err(|e| unavailable(&format!("reading {pk}/{sk}"), e))?;
@@ -55,16 +66,7 @@ impl DynamoStore {
     /// consistent, at half the price, and again strongly consistent if that read does not find
     /// it (written too recently to have reached every replica).
     async fn get_immutable(&self, pk: String, sk: &str) -> Result<Option<Item>, StoreError> {
-        let out = self
-            .dynamo
-            .get_item()
-            .table_name(&self.config.table)
-            .set_key(Some(key(pk.as_str(), sk)))
-            .consistent_read(false)
-            .send()
-            .await
-            .map_err(|e| unavailable(&format!("reading {pk}/{sk}"), e))?;
-        match out.item {
+        match self.get_as(pk.clone(), sk, false).await? {
             Some(item) => Ok(Some(item)),
             None => self.get(pk, sk).await,
         }
@@ -314,6 +316,13 @@ impl Store for DynamoStore {
         }
     }
 
+    async fn latest_playbook_version(&self, id: &str) -> Result<Option<u32>, StoreError> {
+        match self.get(playbook_pk(id), SK_HEAD).await? {
+            Some(head) if !head.flag("deleted") => Ok(Some(head.num("latest")?)),
+            _ => Ok(None),
+        }
+    }
+
     async fn list_playbooks(&self) -> Result<Vec<StoredPlaybook>, StoreError> {
         let heads = self.query_gsi1(GSI1_PLAYBOOKS.to_string()).await?;
         let mut ids = Vec::new();
@@ -352,8 +361,13 @@ impl Store for DynamoStore {
         applied(res, || format!("deleting playbook {id}"))
     }
 
+    /// Read eventually consistent (half the price): functions keep a setting 5 s anyway, and a
+    /// change reaches every replica well within that.
     async fn get_setting(&self, key: &str) -> Result<Option<serde_json::Value>, StoreError> {
-        match self.get(format!("SETTING#{key}"), "SETTING").await? {
+        match self
+            .get_as(format!("SETTING#{key}"), "SETTING", false)
+            .await?
+        {
             Some(item) => Ok(Some(from_json("setting", item.str("value")?)?)),
             None => Ok(None),
         }
@@ -480,6 +494,10 @@ impl Store for DynamoStore {
 
     async fn load_run(&self, id: &str) -> Result<Option<(Run, u64)>, StoreError> {
         self.read_run(id).await
+    }
+
+    async fn load_run_lagging(&self, id: &str) -> Result<Option<(Run, u64)>, StoreError> {
+        self.read_run_lagging(id).await
     }
 
     async fn save_run(&self, run: &Run, version: u64, fx: &Effects) -> Result<(), StoreError> {

@@ -1079,7 +1079,7 @@ async fn a_waiting_runs_far_wake_is_kept_with_the_run_and_sent_by_the_timer_when
     // Answered before its expiry, a run no longer waits for it: the answer's version has no
     // wake, and the version that waited keeps its entry, left to expire with its item. When
     // the timer's sweep passes it, the run is read once, and nothing is sent or written.
-    let (timer, queries) = counted(&f, "Query");
+    let (timer, queries) = recorded(&f, "Query");
     let r2 = run("r2", T0);
     f.store.create_run(&r2, &none()).await.unwrap();
     let mut it = waiting.steps[0].iterations[0].clone();
@@ -1100,8 +1100,46 @@ async fn a_waiting_runs_far_wake_is_kept_with_the_run_and_sent_by_the_timer_when
     }
     assert!(f.drain().await.is_empty());
     assert_eq!(f.raw_versions("r2").await.len(), 3);
-    // Each sweep queries the 16 shards of the index; the run's partition was read once.
-    assert_eq!(queries.load(Ordering::SeqCst), 3 * 16 + 1);
+    // Each sweep queries the 16 shards of the index; of the run, one look at its latest
+    // version's number (one item, eventually consistent: half a read unit) showed the entry
+    // superseded, and the run was not read.
+    let queries = queries.1.lock().unwrap().clone();
+    assert_eq!(queries.len(), 3 * 16 + 1);
+    let of_run: Vec<&serde_json::Value> = queries
+        .iter()
+        .filter(|q| q.get("IndexName").is_none())
+        .collect();
+    assert_eq!(of_run.len(), 1, "{of_run:?}");
+    assert_eq!(of_run[0]["Limit"], 1);
+    assert_eq!(of_run[0]["ProjectionExpression"], "version");
+    assert_ne!(of_run[0]["ConsistentRead"], true);
+}
+
+/// A run that still waits after a later write has two entries in the wake index, the later
+/// version's due no sooner: when one sweep passes both, the newer entry is what counts, and
+/// the wake is sent once (the older entry alone would look superseded).
+#[tokio::test]
+async fn a_wake_listed_by_two_versions_of_a_waiting_run_is_sent_once() {
+    let f = fixture().await;
+    let r = run("r1", T0);
+    f.store.create_run(&r, &none()).await.unwrap();
+    let due = T0 + 4 * HOUR as i64;
+    let mut it = Iteration::new(None);
+    it.status = StepStatus::Waiting;
+    it.wake_at = Some(due);
+    let waiting = waiting_on(&r, "wait", it);
+    let mut wake = msg("r1", "wait");
+    wake.kind = MessageKind::Resume;
+    assert_eq!(waiting.wakes(), [(wake.clone(), due)]);
+    f.store.save_run(&waiting, 1, &none()).await.unwrap();
+    // Another branch's outcome is recorded meanwhile; the run still waits, as before.
+    let mut later = waiting.clone();
+    later.updated_at = T0 + 1;
+    f.store.save_run(&later, 2, &none()).await.unwrap();
+    let versions = f.raw_versions("r1").await;
+    assert!(versions[1].contains_key("gsi3pk") && versions[2].contains_key("gsi3pk"));
+    assert_eq!(f.store.fire_due_wakes(due + 10_000).await.unwrap(), 1);
+    assert_eq!(f.drain().await, [wake]);
 }
 
 /// A second store over the fixture's table whose DynamoDB requests of `op` are counted.
@@ -1319,13 +1357,13 @@ async fn writers_racing_from_one_version_make_it_once_and_the_log_reads_as_the_w
     assert_eq!(f.store.load_run("r1").await.unwrap().unwrap(), (again, 3));
 }
 
-/// Records each GetItem's key and whether it asked for a strongly consistent read.
-#[derive(Debug, Clone, Default)]
-struct GetItems(Arc<std::sync::Mutex<Vec<(String, bool)>>>);
+/// Records the body of each DynamoDB request of one operation (by its `X-Amz-Target`).
+#[derive(Debug, Clone)]
+struct Bodies(&'static str, Arc<std::sync::Mutex<Vec<serde_json::Value>>>);
 
-impl aws_sdk_dynamodb::config::Intercept for GetItems {
+impl aws_sdk_dynamodb::config::Intercept for Bodies {
     fn name(&self) -> &'static str {
-        "get-items"
+        "bodies"
     }
 
     fn read_before_transmit(
@@ -1336,29 +1374,22 @@ impl aws_sdk_dynamodb::config::Intercept for GetItems {
     ) -> Result<(), aws_sdk_dynamodb::error::BoxError> {
         let request = context.request();
         let target = request.headers().get("x-amz-target");
-        if target.is_some_and(|t| t.ends_with(".GetItem")) {
-            let body: serde_json::Value =
-                serde_json::from_slice(request.body().bytes().unwrap_or_default())?;
-            let key = format!("{}|{}", body["Key"]["pk"]["S"], body["Key"]["sk"]["S"]);
-            let strong = body["ConsistentRead"].as_bool().unwrap_or(false);
-            self.0.lock().unwrap().push((key.replace('"', ""), strong));
+        if target.is_some_and(|t| t.ends_with(&format!(".{}", self.0))) {
+            let body = serde_json::from_slice(request.body().bytes().unwrap_or_default())?;
+            self.1.lock().unwrap().push(body);
         }
         Ok(())
     }
 }
 
-/// A playbook version never changes once written, so it is read eventually consistent (half
-/// the read units: a 4.5 KB playbook costs 1 RRU instead of 2); its head, which says which
-/// version is latest and whether the playbook was deleted, strongly.
-#[tokio::test]
-async fn a_playbook_version_is_read_at_half_price_and_its_head_strongly() {
-    let f = fixture().await;
-    let gets = GetItems::default();
+/// A second store over the fixture's table whose requests of `op` are recorded.
+fn recorded(f: &Fixture, op: &'static str) -> (riposte_aws::DynamoStore, Bodies) {
+    let bodies = Bodies(op, Arc::default());
     let client = aws_sdk_dynamodb::Client::from_conf(
         f.dynamo
             .config()
             .to_builder()
-            .interceptor(gets.clone())
+            .interceptor(bodies.clone())
             .build(),
     );
     let store = riposte_aws::DynamoStore::new(
@@ -1371,11 +1402,41 @@ async fn a_playbook_version_is_read_at_half_price_and_its_head_strongly() {
         },
         f.clock.clone(),
     );
+    (store, bodies)
+}
+
+/// Each GetItem recorded: its key (`pk|sk`) and whether it asked for a strongly consistent
+/// read, sorted.
+fn get_items(bodies: &Bodies) -> Vec<(String, bool)> {
+    let mut got: Vec<(String, bool)> = bodies
+        .1
+        .lock()
+        .unwrap()
+        .drain(..)
+        .map(|b| {
+            let key = format!("{}|{}", b["Key"]["pk"]["S"], b["Key"]["sk"]["S"]);
+            (
+                key.replace('"', ""),
+                b["ConsistentRead"].as_bool().unwrap_or(false),
+            )
+        })
+        .collect();
+    got.sort();
+    got
+}
+
+/// A playbook version never changes once written, so it is read eventually consistent (half
+/// the read units: a 4.5 KB playbook costs 1 RRU instead of 2); its head, which says which
+/// version is latest and whether the playbook was deleted, strongly.
+#[tokio::test]
+async fn a_playbook_version_is_read_at_half_price_and_its_head_strongly() {
+    let f = fixture().await;
+    let (store, gets) = recorded(&f, "GetItem");
     store
         .put_playbook(&playbook("block-ip", "Block an IP"), "ann", T0)
         .await
         .unwrap();
-    gets.0.lock().unwrap().clear();
+    gets.1.lock().unwrap().clear();
     let latest = store.get_playbook("block-ip", None).await.unwrap().unwrap();
     let pinned = store
         .get_playbook("block-ip", Some(1))
@@ -1383,20 +1444,24 @@ async fn a_playbook_version_is_read_at_half_price_and_its_head_strongly() {
         .unwrap()
         .unwrap();
     assert_eq!((latest.version, pinned.version), (1, 1));
-    let mut got = gets.0.lock().unwrap().clone();
-    got.sort();
+    let (head, v1) = ("PB#block-ip|HEAD", "PB#block-ip|V#0000000001");
     assert_eq!(
-        got,
+        get_items(&gets),
         [
-            ("PB#block-ip|HEAD".to_string(), true),
-            ("PB#block-ip|HEAD".to_string(), true),
-            ("PB#block-ip|V#0000000001".to_string(), false),
-            ("PB#block-ip|V#0000000001".to_string(), false),
+            (head.to_string(), true),
+            (head.to_string(), true),
+            (v1.to_string(), false),
+            (v1.to_string(), false),
         ]
     );
+    // Which version is latest, alone: the head, strongly.
+    assert_eq!(
+        store.latest_playbook_version("block-ip").await.unwrap(),
+        Some(1)
+    );
+    assert_eq!(get_items(&gets), [(head.to_string(), true)]);
     // A version not found by an eventually consistent read (too recent for every replica, or
     // absent) is asked for again, strongly: absent is only ever the table's answer.
-    gets.0.lock().unwrap().clear();
     assert!(
         store
             .get_playbook("block-ip", Some(2))
@@ -1404,14 +1469,40 @@ async fn a_playbook_version_is_read_at_half_price_and_its_head_strongly() {
             .unwrap()
             .is_none()
     );
-    let mut got = gets.0.lock().unwrap().clone();
-    got.sort();
+    let v2 = "PB#block-ip|V#0000000002";
     assert_eq!(
-        got,
+        get_items(&gets),
         [
-            ("PB#block-ip|HEAD".to_string(), true),
-            ("PB#block-ip|V#0000000002".to_string(), false),
-            ("PB#block-ip|V#0000000002".to_string(), true),
+            (head.to_string(), true),
+            (v2.to_string(), false),
+            (v2.to_string(), true),
         ]
     );
+    store.delete_playbook("block-ip").await.unwrap();
+    assert_eq!(
+        store.latest_playbook_version("block-ip").await.unwrap(),
+        None
+    );
+}
+
+/// A read that may lag (for showing a run: the approval's confirm page) is eventually
+/// consistent, at half the price; the reads writers write on are strongly consistent.
+#[tokio::test]
+async fn a_lagging_read_of_a_run_is_eventually_consistent_and_a_load_strongly() {
+    let f = fixture().await;
+    let (store, queries) = recorded(&f, "Query");
+    let r = run("r1", T0);
+    store.create_run(&r, &none()).await.unwrap();
+    let shown = store.load_run_lagging("r1").await.unwrap().unwrap();
+    let loaded = store.load_run("r1").await.unwrap().unwrap();
+    assert_eq!((shown.0.id.as_str(), shown.1), ("r1", 1));
+    assert_eq!(shown, loaded);
+    let consistent: Vec<bool> = queries
+        .1
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|q| q["ConsistentRead"].as_bool().unwrap_or(false))
+        .collect();
+    assert_eq!(consistent, [false, true]);
 }

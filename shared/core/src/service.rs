@@ -452,22 +452,18 @@ impl Service {
         {
             return Ok(p.clone());
         }
-        let stored = self
+        // Which version is latest (the head alone); its body only when not compiled here yet.
+        let version = self
             .d
             .store
-            .get_playbook(id, None)
+            .latest_playbook_version(id)
             .await?
             .ok_or_else(|| Error::NotFound(format!("playbook `{id}` not found")))?;
         self.heads
             .lock()
             .map_err(|_| poisoned())?
-            .insert(id.to_string(), (now, stored.version));
-        let key = (id.to_string(), stored.version);
-        if let Some(p) = self.playbooks.lock().map_err(|_| poisoned())?.get(&key) {
-            return Ok(p.clone());
-        }
-        // Compiled from what was just read, not read again.
-        self.compiled(key, stored.spec)
+            .insert(id.to_string(), (now, version));
+        self.playbook(id, version).await
     }
 
     /// The enabled and disabled rules, compiled, indexed and in evaluation order.
@@ -1399,6 +1395,15 @@ impl Service {
     // ----- approvals -----
 
     async fn approval_of(&self, token: &str) -> Result<(Claims, Run, u64, ApprovalView), Error> {
+        self.approval_read(token, false).await
+    }
+
+    /// [`Self::approval_of`]; `lagging`: read as [`Store::load_run_lagging`] does (to show it).
+    async fn approval_read(
+        &self,
+        token: &str,
+        lagging: bool,
+    ) -> Result<(Claims, Run, u64, ApprovalView), Error> {
         let claims = self.d.signer.verify(token).map_err(|e| match e {
             TokenError::Malformed | TokenError::BadSignature => {
                 Error::Forbidden(format!("{e}: it was altered or not issued by this Riposte"))
@@ -1406,7 +1411,12 @@ impl Service {
         })?;
         let forged =
             || Error::Forbidden("this approval link does not belong to a current approval".into());
-        let (run, ver) = self.d.store.load_run(&claims.r).await?.ok_or_else(forged)?;
+        let loaded = if lagging {
+            self.d.store.load_run_lagging(&claims.r).await?
+        } else {
+            self.d.store.load_run(&claims.r).await?
+        };
+        let (run, ver) = loaded.ok_or_else(forged)?;
         let it = run
             .steps
             .iter()
@@ -1430,9 +1440,15 @@ impl Service {
         Ok((claims, run, ver, view))
     }
 
-    /// What a link's confirm page shows. Never decides.
+    /// What a link's confirm page shows. Never decides. The run is read as a read that may lag
+    /// the latest write finds it (half the price on AWS): a link is only refused after a read
+    /// that does not lag, and a decision the page misses is found by the POST, which reads
+    /// strongly.
     pub async fn approval_view(&self, token: &str) -> Result<ApprovalView, Error> {
-        let (claims, run, _, view) = self.approval_of(token).await?;
+        let (claims, run, _, view) = match self.approval_read(token, true).await {
+            Ok(found) => found,
+            Err(_) => self.approval_of(token).await?,
+        };
         if let Some(d) = &view.decided {
             return Err(Error::Conflict(format!(
                 "already answered: `{}` by {}",

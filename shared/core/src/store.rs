@@ -107,6 +107,11 @@ pub trait Store: Send + Sync {
         id: &str,
         version: Option<u32>,
     ) -> Result<Option<StoredPlaybook>, StoreError>;
+    /// The number of a playbook's latest live version (`None`: no such playbook, or deleted),
+    /// without its body: what a trigger that has that version compiled already needs to know.
+    async fn latest_playbook_version(&self, id: &str) -> Result<Option<u32>, StoreError> {
+        Ok(self.get_playbook(id, None).await?.map(|p| p.version))
+    }
     /// The latest version of every live playbook.
     async fn list_playbooks(&self) -> Result<Vec<StoredPlaybook>, StoreError>;
     /// Marks a playbook deleted: no new run starts; versions stay for the runs that pinned them.
@@ -122,6 +127,11 @@ pub trait Store: Send + Sync {
     async fn create_run(&self, run: &Run, fx: &Effects) -> Result<bool, StoreError>;
     /// The run and its version.
     async fn load_run(&self, id: &str) -> Result<Option<(Run, u64)>, StoreError>;
+    /// The run as a read that may lag the latest write by a moment finds it: for showing it,
+    /// never for writing on (a store whose reads cost less so overrides this).
+    async fn load_run_lagging(&self, id: &str) -> Result<Option<(Run, u64)>, StoreError> {
+        self.load_run(id).await
+    }
     /// See the module guarantee.
     async fn save_run(&self, run: &Run, version: u64, fx: &Effects) -> Result<(), StoreError>;
     async fn list_runs(

@@ -1438,7 +1438,8 @@ async fn api_calls_and_cost() -> Moto {
          on 127.0.0.1 ({} invocations, the step worker's in {worker_invocations} batches; priced as \
          one invocation per SQS message, as at low volume). Step Functions Standard at \
          {transitions:.0} transitions per run: ${sfn:.0} per million runs before any Lambda it \
-         would call (the issue estimates ~$151 for this playbook); Riposte's whole bill: \
+         would call (the issue estimates ~$151 for this playbook); Riposte's bill (DynamoDB, SQS, \
+         Lambda): \
          ${total_measured:.2} (measured durations) to ${total_assumed:.2} ({ASSUMED_INVOCATION_MS:.0} \
          ms assumed). On provisioned capacity (${DDB_PER_WCU_HOUR}/WCU-hour, \
          ${DDB_PER_RCU_HOUR}/RCU-hour, kept {:.0}% used by auto scaling: ${:.2}/M WRU, ${:.2}/M \

@@ -5,7 +5,6 @@ mod support;
 
 use std::collections::HashSet;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use aws_sdk_dynamodb::types::{AttributeValue, BillingMode, ProjectionType, TimeToLiveStatus};
@@ -1142,56 +1141,10 @@ async fn a_wake_listed_by_two_versions_of_a_waiting_run_is_sent_once() {
     assert_eq!(f.drain().await, [wake]);
 }
 
-/// A second store over the fixture's table whose DynamoDB requests of `op` are counted.
-fn counted(f: &Fixture, op: &'static str) -> (riposte_aws::DynamoStore, Arc<AtomicUsize>) {
-    let n = Arc::new(AtomicUsize::new(0));
-    let counted = aws_sdk_dynamodb::Client::from_conf(
-        f.dynamo
-            .config()
-            .to_builder()
-            .interceptor(CountOp(op, n.clone()))
-            .build(),
-    );
-    let store = riposte_aws::DynamoStore::new(
-        counted,
-        f.sqs.clone(),
-        riposte_aws::AwsConfig {
-            table: f.table.clone(),
-            queue_url: f.queue_url.clone(),
-            retention_days: RETENTION_DAYS,
-        },
-        f.clock.clone(),
-    );
-    (store, n)
-}
-
-/// Counts the DynamoDB requests of one operation (by its `X-Amz-Target`).
-#[derive(Debug, Clone)]
-struct CountOp(&'static str, Arc<AtomicUsize>);
-
-impl aws_sdk_dynamodb::config::Intercept for CountOp {
-    fn name(&self) -> &'static str {
-        "count-op"
-    }
-
-    fn read_before_transmit(
-        &self,
-        context: &aws_sdk_dynamodb::config::interceptors::BeforeTransmitInterceptorContextRef<'_>,
-        _: &aws_sdk_dynamodb::config::RuntimeComponents,
-        _: &mut aws_sdk_dynamodb::config::ConfigBag,
-    ) -> Result<(), aws_sdk_dynamodb::error::BoxError> {
-        let target = context.request().headers().get("x-amz-target");
-        if target.is_some_and(|t| t.ends_with(&format!(".{}", self.0))) {
-            self.1.fetch_add(1, Ordering::SeqCst);
-        }
-        Ok(())
-    }
-}
-
 #[tokio::test]
 async fn reads_of_one_run_made_at_once_share_one_query_and_none_outlives_a_write() {
     let f = fixture().await;
-    let (store, queries) = counted(&f, "Query");
+    let (store, queries) = recorded(&f, "Query");
     let r = run("r1", T0);
     store.create_run(&r, &none()).await.unwrap();
     // Three messages of the run in one batch load it at once: one query answers all three.
@@ -1200,7 +1153,7 @@ async fn reads_of_one_run_made_at_once_share_one_query_and_none_outlives_a_write
         store.load_run("r1"),
         store.load_run("r1")
     );
-    assert_eq!(queries.load(Ordering::SeqCst), 1);
+    assert_eq!(queries.count(), 1);
     for l in [loads.0, loads.1, loads.2] {
         assert_eq!(l.unwrap(), Some((r.clone(), 1)));
     }
@@ -1209,7 +1162,7 @@ async fn reads_of_one_run_made_at_once_share_one_query_and_none_outlives_a_write
     next.status = RunStatus::Running;
     store.save_run(&next, 1, &none()).await.unwrap();
     assert_eq!(store.load_run("r1").await.unwrap(), Some((next, 2)));
-    assert_eq!(queries.load(Ordering::SeqCst), 2);
+    assert_eq!(queries.count(), 2);
 }
 
 /// What DynamoDB bills a write of `item` by, about: its attribute names and values.
@@ -1300,7 +1253,7 @@ async fn an_unreadable_run_in_the_wake_index_holds_up_no_other_runs_wake() {
         .send()
         .await
         .unwrap();
-    let timer = counted(&f, "Query").0;
+    let timer = recorded(&f, "Query").0;
     assert_eq!(timer.fire_due_wakes(due + 10_000).await.unwrap(), 1);
     let mut resume = msg("good", "wait");
     resume.kind = MessageKind::Resume;
@@ -1319,7 +1272,7 @@ async fn writers_racing_from_one_version_make_it_once_and_the_log_reads_as_the_w
     // Eight processes, each having read version 1 (so each patches from it).
     let mut writers = Vec::new();
     for i in 0..8 {
-        let (store, _) = counted(&f, "Query");
+        let (store, _) = recorded(&f, "Query");
         let (mut mine, v) = store.load_run("r1").await.unwrap().unwrap();
         mine.status = RunStatus::Running;
         mine.error = Some(format!("writer {i}"));
@@ -1379,6 +1332,13 @@ impl aws_sdk_dynamodb::config::Intercept for Bodies {
             self.1.lock().unwrap().push(body);
         }
         Ok(())
+    }
+}
+
+impl Bodies {
+    /// How many requests were recorded.
+    fn count(&self) -> usize {
+        self.1.lock().unwrap().len()
     }
 }
 

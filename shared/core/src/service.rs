@@ -172,9 +172,78 @@ pub struct Service {
     /// just wrote, instead of both writing and one being refused (a billed write and a read
     /// lost). Safe whatever the copy: every write is conditional on the version.
     written: Mutex<HashMap<String, Arc<WrittenRun>>>,
+    /// Per run: its handlers performing steps in this process now, and the repeat-safe outcomes
+    /// one of them leaves for another's next write (see [`Service::perform_queue`]).
+    groups: Mutex<HashMap<String, Group>>,
 }
 
 type WrittenRun = futures_util::lock::Mutex<Option<(Run, u64)>>;
+
+/// The handlers of one run in [`Service::perform_queue`] in this process.
+#[derive(Default)]
+struct Group {
+    /// How many are in it.
+    performing: usize,
+    /// How many of those wait for another to record their outcomes.
+    waiting: usize,
+    /// Outcomes left to be recorded, not yet taken by a writer.
+    deposits: Vec<Deposit>,
+}
+
+/// Repeat-safe outcomes one handler leaves for another handler of the same run to record with
+/// its own, in one write. The depositor waits on `signal`'s lock, held here: the writer sets it
+/// to `true` once they are recorded, and releasing it unset (the deposit dropped, unwritten)
+/// tells the depositor to write them itself.
+struct Deposit {
+    held: Vec<Held>,
+    /// When the first of them was known.
+    since: Millis,
+    signal: futures_util::lock::OwnedMutexGuard<bool>,
+}
+
+/// A handler's membership of its run's [`Group`], left when dropped: when no handler of the
+/// run is left that could take a deposit, the deposits are released to their depositors.
+struct Performing<'a> {
+    groups: &'a Mutex<HashMap<String, Group>>,
+    run_id: String,
+}
+
+impl Performing<'_> {
+    fn join<'a>(groups: &'a Mutex<HashMap<String, Group>>, run_id: &str) -> Performing<'a> {
+        if let Ok(mut g) = groups.lock() {
+            g.entry(run_id.to_string()).or_default().performing += 1;
+        }
+        Performing {
+            groups,
+            run_id: run_id.to_string(),
+        }
+    }
+}
+
+impl Drop for Performing<'_> {
+    fn drop(&mut self) {
+        let released = {
+            let Ok(mut groups) = self.groups.lock() else {
+                return;
+            };
+            let Some(g) = groups.get_mut(&self.run_id) else {
+                return;
+            };
+            g.performing = g.performing.saturating_sub(1);
+            let released = if g.performing <= g.waiting {
+                std::mem::take(&mut g.deposits)
+            } else {
+                Vec::new()
+            };
+            if g.performing == 0 {
+                groups.remove(&self.run_id);
+            }
+            released
+        };
+        // Dropped unset, outside the lock: each depositor writes its outcomes itself.
+        drop(released);
+    }
+}
 
 /// The kill switch's state: when on, no automatic run starts and running ones stop.
 #[derive(Clone, Debug, PartialEq, Serialize, serde::Deserialize)]
@@ -225,6 +294,7 @@ fn repeat_safe(engine: &Engine<'_>, msg: &StepMessage, work: &Work) -> bool {
 }
 
 /// An outcome applied to the run in hand but not written yet (see [`Service::perform_queue`]).
+#[derive(Clone)]
 struct Held {
     msg: StepMessage,
     outcome: Outcome,
@@ -308,7 +378,92 @@ impl Service {
             guards: std::sync::RwLock::new(Arc::new(Guards::default())),
             kill_switch: Mutex::new(None),
             written: Mutex::new(HashMap::new()),
+            groups: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Leaves `held` for another handler of the run performing here now to record with its own
+    /// outcomes; `None` when no other is (one that itself waits does not count). The lock
+    /// returned is free once the deposit is settled, holding whether it was recorded.
+    fn deposit(
+        &self,
+        run_id: &str,
+        held: &[Held],
+        since: Millis,
+    ) -> Option<Arc<futures_util::lock::Mutex<bool>>> {
+        let mut groups = self.groups.lock().ok()?;
+        let g = groups.get_mut(run_id)?;
+        // Itself, and at least one other that is not waiting.
+        if g.performing < g.waiting + 2 {
+            return None;
+        }
+        let flag = Arc::new(futures_util::lock::Mutex::new(false));
+        let signal = flag.try_lock_owned()?;
+        g.waiting += 1;
+        g.deposits.push(Deposit {
+            held: held.to_vec(),
+            since,
+            signal,
+        });
+        Some(flag)
+    }
+
+    /// The deposit settled (see [`Self::deposit`]): its depositor no longer waits.
+    fn deposit_settled(&self, run_id: &str) {
+        if let Ok(mut groups) = self.groups.lock()
+            && let Some(g) = groups.get_mut(run_id)
+        {
+            g.waiting = g.waiting.saturating_sub(1);
+        }
+    }
+
+    /// Whether the outcomes `held` (all but the last applied to `run`, at `ver`) change the run
+    /// quietly: something to record, but no step made ready, no message, no child run, and the
+    /// run not ended. Judged on the newest copy this process wrote, if newer.
+    async fn quiet(&self, engine: &Engine<'_>, run: &Run, ver: u64, held: &[Held]) -> bool {
+        let Some(last) = held.last() else {
+            return false;
+        };
+        let newer = {
+            let slot = self.written(&run.id);
+            let newest = slot.lock().await;
+            newest
+                .as_ref()
+                .filter(|(_, v)| *v > ver)
+                .map(|(r, _)| r.clone())
+        };
+        let now = self.now();
+        let mut fx = Effects::default();
+        let (probe, applied) = match newer {
+            Some(mut r) => {
+                let n = reapply(engine, &mut r, held, now, &mut fx);
+                (r, n)
+            }
+            None => {
+                let mut r = run.clone();
+                let n = usize::from(engine.finish(
+                    &mut r,
+                    &last.msg,
+                    last.outcome.clone(),
+                    now,
+                    &mut fx,
+                ));
+                (r, n)
+            }
+        };
+        applied > 0
+            && fx.messages.is_empty()
+            && fx.new_runs.is_empty()
+            && !probe.status.is_terminal()
+    }
+
+    /// The outcomes other handlers of the run left to be recorded, taken to record.
+    fn take_deposits(&self, run_id: &str) -> Vec<Deposit> {
+        self.groups
+            .lock()
+            .ok()
+            .and_then(|mut g| g.get_mut(run_id).map(|g| std::mem::take(&mut g.deposits)))
+            .unwrap_or_default()
     }
 
     /// The lock and newest written copy of a run (see `written`); copies of runs no one is
@@ -957,6 +1112,15 @@ impl Service {
     /// [`MAX_HELD_MS`]. A worker lost meanwhile loses only repeat-safe work, which is done again
     /// when its message comes back; a step that must not be repeated blindly always has its claim
     /// written before it starts.
+    ///
+    /// Across handlers of one run at once in this process (the branches of a decision, delivered
+    /// together): repeat-safe outcomes, with no claim written, that make nothing ready, and end
+    /// nothing, with nothing more to do here, are left ([`Service::deposit`]) to another handler
+    /// still performing, whose next write records them with its own; this handler returns only
+    /// once that write has landed, or writes them itself when it does not (the other failed, or
+    /// ended without taking them). Lost with the process, they are done again like any held
+    /// outcome. Every write stays conditional on the version: an outcome recorded twice is
+    /// refused the second time and dropped.
     #[allow(clippy::too_many_arguments)]
     async fn perform_queue(
         &self,
@@ -979,6 +1143,10 @@ impl Service {
         let mut lease: Option<Millis> = None;
         // When the first outcome held was known: none is held for long unseen.
         let mut held_since: Option<Millis> = None;
+        // Of the deposits taken from other handlers of the run (their outcomes are in `held`):
+        // set once written.
+        let mut signals: Vec<futures_util::lock::OwnedMutexGuard<bool>> = Vec::new();
+        let _performing = Performing::join(&self.groups, &run.id);
         while let Some((msg, work, claim_written)) = queue.pop_front() {
             let safe = repeat_safe(engine, &msg, &work);
             if claim_written && let Some(l) = lease_of(&run, &msg) {
@@ -994,6 +1162,24 @@ impl Service {
                 claim_written,
                 safe,
             });
+            // Another handler of this run performing here now (the other branch of a decision,
+            // delivered with this one) may record these outcomes with its own, in one write:
+            // left to it when they are repeat-safe with no claim written, make nothing ready,
+            // end nothing, and nothing is left to do here. Its write is awaited; if it does not
+            // make it, they are written here.
+            if queue.is_empty()
+                && held.iter().all(|h| h.safe && !h.claim_written)
+                && self.quiet(engine, &run, ver, &held).await
+                && let Some(flag) =
+                    self.deposit(&run.id, &held, held_since.unwrap_or_else(|| self.now()))
+            {
+                let recorded = *flag.lock().await;
+                self.deposit_settled(&run.id);
+                if recorded {
+                    held.clear();
+                    continue;
+                }
+            }
             // Recorded on the copy held (most often nobody changed the run meanwhile, so no read
             // before writing), or on a newer one this process wrote meanwhile; on a conflict, on
             // the run as it stands. `run` has every outcome held but this one applied, unless it
@@ -1008,6 +1194,28 @@ impl Service {
                 ver = *v;
                 fx = Effects::default();
                 fresh = true;
+            }
+            // Outcomes other handlers of the run left (see above): recorded by this write too,
+            // held before this handler's newest outcome (the one not yet applied to `run`). On
+            // a fresh copy all are applied below; else each deposit is applied now, whole, or
+            // left to its handler (its step done or taken meanwhile: that handler sees to it).
+            for d in self.take_deposits(&msg.run_id) {
+                if !fresh {
+                    let mut trial = run.clone();
+                    let mut trial_fx = fx.clone();
+                    if reapply(engine, &mut trial, &d.held, self.now(), &mut trial_fx)
+                        != d.held.len()
+                    {
+                        continue;
+                    }
+                    run = trial;
+                    fx = trial_fx;
+                }
+                held_since = Some(held_since.map_or(d.since, |t| t.min(d.since)));
+                let newest_own = held.pop();
+                held.extend(d.held);
+                held.extend(newest_own);
+                signals.push(d.signal);
             }
             let mut recorded = false;
             let mut dropped = false;
@@ -1070,6 +1278,9 @@ impl Service {
                         *newest = Some((run.clone(), ver));
                         fx = Effects::default();
                         held.clear();
+                        for mut recorded in signals.drain(..) {
+                            *recorded = true;
+                        }
                         lease = None;
                         // The claims of the steps still queued here were in the run just written.
                         for entry in queue.iter_mut() {
@@ -1095,6 +1306,8 @@ impl Service {
             }
             drop(newest);
             if dropped {
+                // Deposits among them go back to their handlers, which see to their own.
+                signals.clear();
                 // Done or taken by another meanwhile: these outcomes are dropped. Steps may still
                 // be carried under this message (by a duplicate of it).
                 if held.iter().any(|h| h.msg == *carrier) {

@@ -815,6 +815,14 @@ async fn a_run_written_after_a_day_starts_a_new_chain_and_extends_its_inputs_exp
 }
 
 /// `r` waiting on its one step `step`, whose one iteration is `it`.
+/// An iteration waiting until `due` (its wake).
+fn waiting_until(due: i64) -> Iteration {
+    let mut it = Iteration::new(None);
+    it.status = StepStatus::Waiting;
+    it.wake_at = Some(due);
+    it
+}
+
 fn waiting_on(r: &riposte_core::run::Run, step: &str, it: Iteration) -> riposte_core::run::Run {
     let mut waiting = r.clone();
     waiting.status = RunStatus::Waiting;
@@ -1039,9 +1047,7 @@ async fn a_waiting_runs_far_wake_is_kept_with_the_run_and_sent_by_the_timer_when
     f.store.create_run(&r, &none()).await.unwrap();
     // The approval step begins to wait: its expiry, 4 h out, is what the engine sends.
     let due = T0 + 4 * HOUR as i64;
-    let mut it = Iteration::new(None);
-    it.status = StepStatus::Waiting;
-    it.wake_at = Some(due);
+    let mut it = waiting_until(due);
     it.approval = Some(riposte_core::run::ApprovalState {
         nonce_hash: "h".into(),
         message: "Block?".into(),
@@ -1123,10 +1129,7 @@ async fn a_wake_listed_by_two_versions_of_a_waiting_run_is_sent_once() {
     let r = run("r1", T0);
     f.store.create_run(&r, &none()).await.unwrap();
     let due = T0 + 4 * HOUR as i64;
-    let mut it = Iteration::new(None);
-    it.status = StepStatus::Waiting;
-    it.wake_at = Some(due);
-    let waiting = waiting_on(&r, "wait", it);
+    let waiting = waiting_on(&r, "wait", waiting_until(due));
     let mut wake = msg("r1", "wait");
     wake.kind = MessageKind::Resume;
     assert_eq!(waiting.wakes(), [(wake.clone(), due)]);

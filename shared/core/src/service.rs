@@ -382,6 +382,16 @@ impl Service {
         }
     }
 
+    /// Whether another handler of the run, not itself waiting, performs steps here now (one
+    /// that could take a [`Self::deposit`]): checked before the dearer [`Self::quiet`].
+    fn another_performing(&self, run_id: &str) -> bool {
+        self.groups
+            .lock()
+            .ok()
+            .and_then(|g| g.get(run_id).map(|g| g.performing >= g.waiting + 2))
+            .unwrap_or(false)
+    }
+
     /// Leaves `held` for another handler of the run performing here now to record with its own
     /// outcomes; `None` when no other is (one that itself waits does not count). The lock
     /// returned is free once the deposit is settled, holding whether it was recorded.
@@ -607,18 +617,40 @@ impl Service {
         {
             return Ok(p.clone());
         }
-        // Which version is latest (the head alone); its body only when not compiled here yet.
-        let version = self
+        let not_found = || Error::NotFound(format!("playbook `{id}` not found"));
+        // With a version of it compiled here, most likely the latest: which one is latest (the
+        // head alone), its body only if another. Else the latest, whole, in one go.
+        let compiled_any = self
+            .playbooks
+            .lock()
+            .map_err(|_| poisoned())?
+            .keys()
+            .any(|(p, _)| p == id);
+        if compiled_any {
+            let version = self
+                .d
+                .store
+                .latest_playbook_version(id)
+                .await?
+                .ok_or_else(not_found)?;
+            self.heads
+                .lock()
+                .map_err(|_| poisoned())?
+                .insert(id.to_string(), (now, version));
+            return self.playbook(id, version).await;
+        }
+        let stored = self
             .d
             .store
-            .latest_playbook_version(id)
+            .get_playbook(id, None)
             .await?
-            .ok_or_else(|| Error::NotFound(format!("playbook `{id}` not found")))?;
+            .ok_or_else(not_found)?;
         self.heads
             .lock()
             .map_err(|_| poisoned())?
-            .insert(id.to_string(), (now, version));
-        self.playbook(id, version).await
+            .insert(id.to_string(), (now, stored.version));
+        // Compiled from what was just read, not read again.
+        self.compiled((id.to_string(), stored.version), stored.spec)
     }
 
     /// The enabled and disabled rules, compiled, indexed and in evaluation order.
@@ -1169,6 +1201,7 @@ impl Service {
             // make it, they are written here.
             if queue.is_empty()
                 && held.iter().all(|h| h.safe && !h.claim_written)
+                && self.another_performing(&run.id)
                 && self.quiet(engine, &run, ver, &held).await
                 && let Some(flag) =
                     self.deposit(&run.id, &held, held_since.unwrap_or_else(|| self.now()))

@@ -1223,11 +1223,9 @@ async fn api_calls_and_cost() -> Moto {
         .map(|(cold, warm)| {
             let (cn, cu) = reads_of(&cold_calls, cold);
             let (wn, wu) = reads_of(&calls, warm);
-            format!(
-                "{warm} {} more reads ({:.1} RRU)",
-                cn.saturating_sub(wn),
-                cu - wu
-            )
+            let more = cn.saturating_sub(wn);
+            let reads = if more == 1 { "read" } else { "reads" };
+            format!("{warm} {more} more {reads} ({:.1} RRU)", cu - wu)
         })
         .collect();
     println!();

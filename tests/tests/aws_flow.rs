@@ -519,6 +519,12 @@ struct Writes {
     landed: AtomicUsize,
     refused: AtomicUsize,
     lose_group: AtomicBool,
+    /// Whether `disable_user`'s handler reads its run in 300 ms (see [`decide_block_in_one_batch`]).
+    slow_disable_user: AtomicBool,
+    /// Run reads counted from the batch on.
+    loads: AtomicUsize,
+    /// Which of them (1-based; 0: none) takes 300 ms.
+    slow_load: AtomicUsize,
 }
 
 struct CountWrites(Arc<Writes>);
@@ -530,6 +536,11 @@ impl Hook for CountWrites {
         call: futures_util::future::BoxFuture<'_, Result<T, StoreError>>,
     ) -> Result<T, StoreError> {
         let w = &self.0;
+        if let Op::LoadRun { .. } = op
+            && w.loads.fetch_add(1, Ordering::SeqCst) + 1 == w.slow_load.load(Ordering::SeqCst)
+        {
+            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        }
         let Op::SaveRun { run, .. } = op else {
             return call.await;
         };
@@ -566,6 +577,16 @@ async fn decide_block_in_one_batch(v: &Vendors, writes: &Arc<Writes>, a: &Aws) -
         "the decision's three step messages travel as one SQS message"
     );
     let before = writes.landed.load(Ordering::SeqCst);
+    // The batch's handlers are polled in turn, so they read the run in the order of the bundle.
+    writes.loads.store(0, Ordering::SeqCst);
+    if writes.slow_disable_user.load(Ordering::SeqCst) {
+        let bundle = riposte_aws::parse_sent(messages[0].body.as_deref().unwrap()).unwrap();
+        let at = bundle
+            .iter()
+            .position(|(m, _)| m.step == "disable_user")
+            .unwrap();
+        writes.slow_load.store(at + 1, Ordering::SeqCst);
+    }
     let response = riposte_lambda::on_messages(&a.service, event, 5, None).await;
     acknowledge(&a.sqs, &a.queue, &messages, &response).await;
     // A message handed back is seen again once its visibility timeout ends: now, here.
@@ -619,6 +640,27 @@ async fn repeat_safe_steps_of_both_branches_are_recorded_by_one_write() {
             .collect();
         assert_eq!(events, ["started", "succeeded"], "{step}");
     }
+}
+
+/// A handler counts as performing from the moment it starts, not only once its step runs: when
+/// `disable_user`'s handler is slow to read its run, `block_ip` (whose firewall answers at
+/// once) still leaves its outcome to it, and the four steps take one write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_branch_slow_to_start_still_records_the_other_branch_with_its_own() {
+    let v = vendors().await;
+    let writes = Arc::new(Writes {
+        slow_disable_user: AtomicBool::new(true),
+        ..Writes::default()
+    });
+    let hook = writes.clone();
+    let a = aws_over(&v, move |s| Arc::new(Wrapped::new(s, CountWrites(hook)))).await;
+    let (id, landed) = decide_block_in_one_batch(&v, &writes, &a).await;
+    a.succeeded(&id).await;
+    assert_eq!(
+        landed, 1,
+        "block_ip's outcome waited for disable_user's write"
+    );
+    assert_eq!(writes.refused.load(Ordering::SeqCst), 0, "no write refused");
 }
 
 /// A worker lost before the write that would have recorded a group of repeat-safe steps loses

@@ -172,14 +172,15 @@ pub struct Service {
     /// just wrote, instead of both writing and one being refused (a billed write and a read
     /// lost). Safe whatever the copy: every write is conditional on the version.
     written: Mutex<HashMap<String, Arc<WrittenRun>>>,
-    /// Per run: its handlers performing steps in this process now, and the repeat-safe outcomes
+    /// Per run: the handlers of its messages in this process now, and the repeat-safe outcomes
     /// one of them leaves for another's next write (see [`Service::perform_queue`]).
     groups: Mutex<HashMap<String, Group>>,
 }
 
 type WrittenRun = futures_util::lock::Mutex<Option<(Run, u64)>>;
 
-/// The handlers of one run in [`Service::perform_queue`] in this process.
+/// The handlers of one run's messages in this process now, each counted from the start of its
+/// handling ([`Service::handle_sent_ahead`]) to its end.
 #[derive(Default)]
 struct Group {
     /// How many are in it.
@@ -382,7 +383,7 @@ impl Service {
         }
     }
 
-    /// Whether another handler of the run, not itself waiting, performs steps here now (one
+    /// Whether another handler of the run, not itself waiting, is at work here now (one
     /// that could take a [`Self::deposit`]): checked before the dearer [`Self::quiet`].
     fn another_performing(&self, run_id: &str) -> bool {
         self.groups
@@ -897,6 +898,11 @@ impl Service {
         after: Option<u64>,
         budget: Option<std::time::Duration>,
     ) -> Result<Handled, Error> {
+        // A member of its run's group from the start, before its first read: a handler of the
+        // same batch whose step ends first may then leave its outcome to this one's write (see
+        // `perform_queue`), however long this one takes to read the run. Joined once, here: the
+        // nested handlings below (`adopt`) are this same handler.
+        let _performing = Performing::join(&self.groups, &msg.run_id);
         let until = budget.map(|b| {
             self.now()
                 .saturating_add(Millis::try_from(b.as_millis()).unwrap_or(Millis::MAX))
@@ -1148,9 +1154,9 @@ impl Service {
     /// Across handlers of one run at once in this process (the branches of a decision, delivered
     /// together): repeat-safe outcomes, with no claim written, that make nothing ready, and end
     /// nothing, with nothing more to do here, are left ([`Service::deposit`]) to another handler
-    /// still performing, whose next write records them with its own; this handler returns only
-    /// once that write has landed, or writes them itself when it does not (the other failed, or
-    /// ended without taking them). Lost with the process, they are done again like any held
+    /// still at work on its message (counted from the start of its handling), whose next write
+    /// records them with its own; this handler returns only once that write has landed, or
+    /// writes them itself when it does not (the other failed, or ended without taking them). Lost with the process, they are done again like any held
     /// outcome. Every write stays conditional on the version: an outcome recorded twice is
     /// refused the second time and dropped.
     #[allow(clippy::too_many_arguments)]
@@ -1178,7 +1184,6 @@ impl Service {
         // Of the deposits taken from other handlers of the run (their outcomes are in `held`):
         // set once written.
         let mut signals: Vec<futures_util::lock::OwnedMutexGuard<bool>> = Vec::new();
-        let _performing = Performing::join(&self.groups, &run.id);
         while let Some((msg, work, claim_written)) = queue.pop_front() {
             let safe = repeat_safe(engine, &msg, &work);
             if claim_written && let Some(l) = lease_of(&run, &msg) {

@@ -663,6 +663,42 @@ async fn a_branch_slow_to_start_still_records_the_other_branch_with_its_own() {
     assert_eq!(writes.refused.load(Ordering::SeqCst), 0, "no write refused");
 }
 
+/// Only a handler that may record steps takes the others' outcomes: the chat update delivered
+/// with the decision's branches never does, so no outcome waits on it. With the firewall slow
+/// (400 ms) and Slack slower (1 s), `disable_user` and `revoke_sessions` are left to `block_ip`'s
+/// write, which records them with its own and `resolve_ticket`'s: one write, however long the
+/// chat update takes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_outcome_waits_on_the_chat_update_delivered_with_the_branches() {
+    let mut v = vendors().await;
+    v.panos = riposte_tests::Vendor::start_slow(
+        "panos",
+        std::time::Duration::from_millis(400),
+        riposte_tests::vendors::panos,
+    )
+    .await;
+    v.slack = riposte_tests::Vendor::start_slow(
+        "slack",
+        std::time::Duration::from_millis(1_000),
+        riposte_tests::vendors::slack,
+    )
+    .await;
+    let writes = Arc::new(Writes::default());
+    let hook = writes.clone();
+    let a = aws_over(&v, move |s| Arc::new(Wrapped::new(s, CountWrites(hook)))).await;
+    let (id, landed) = decide_block_in_one_batch(&v, &writes, &a).await;
+    a.succeeded(&id).await;
+    assert_eq!(landed, 1, "the four steps by block_ip's write");
+    assert_eq!(writes.refused.load(Ordering::SeqCst), 0, "no write refused");
+    assert!(
+        v.slack
+            .requests()
+            .iter()
+            .any(|r| r.path.ends_with("/chat.update")),
+        "the chat update was sent"
+    );
+}
+
 /// A worker lost before the write that would have recorded a group of repeat-safe steps loses
 /// only their outcomes: its message comes back, they are done again, and the run succeeds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

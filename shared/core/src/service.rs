@@ -901,8 +901,10 @@ impl Service {
         // A member of its run's group from the start, before its first read: a handler of the
         // same batch whose step ends first may then leave its outcome to this one's write (see
         // `perform_queue`), however long this one takes to read the run. Joined once, here: the
-        // nested handlings below (`adopt`) are this same handler.
-        let _performing = Performing::join(&self.groups, &msg.run_id);
+        // nested handlings below (`adopt`) are this same handler. A chat update or a child's
+        // news never performs steps, so it takes no outcomes and nothing waits on it.
+        let _performing = (!matches!(msg.kind, MessageKind::Announce | MessageKind::ChildFinished))
+            .then(|| Performing::join(&self.groups, &msg.run_id));
         let until = budget.map(|b| {
             self.now()
                 .saturating_add(Millis::try_from(b.as_millis()).unwrap_or(Millis::MAX))

@@ -609,6 +609,26 @@ async fn decide_block_in_one_batch(v: &Vendors, writes: &Arc<Writes>, a: &Aws) -
     (id, writes.landed.load(Ordering::SeqCst) - before)
 }
 
+/// A Block run through functions whose store counts writes into `writes`, decided and its
+/// branches handled in one batch ([`decide_block_in_one_batch`]): the counts, the functions,
+/// the run's id and how many run writes that batch made.
+async fn branches_decided(v: &Vendors, writes: Writes) -> (Arc<Writes>, Aws, String, usize) {
+    let writes = Arc::new(writes);
+    let hook = writes.clone();
+    let a = aws_over(v, move |s| Arc::new(Wrapped::new(s, CountWrites(hook)))).await;
+    let (id, landed) = decide_block_in_one_batch(v, &writes, &a).await;
+    (writes, a, id, landed)
+}
+
+/// A vendor stand-in answering as `respond` does, after `ms` milliseconds.
+async fn slow(
+    name: &str,
+    ms: u64,
+    respond: impl Fn(&riposte_tests::Recorded) -> (u16, serde_json::Value) + Send + Sync + 'static,
+) -> riposte_tests::Vendor {
+    riposte_tests::Vendor::start_slow(name, std::time::Duration::from_millis(ms), respond).await
+}
+
 /// A repeat-safe step that makes only repeat-safe steps ready is recorded by their write, and
 /// the other branch's repeat-safe outcome, known meanwhile in the same process, by that write
 /// too: the four steps after the decision take one run write, not four, none refused, and the
@@ -616,10 +636,7 @@ async fn decide_block_in_one_batch(v: &Vendors, writes: &Arc<Writes>, a: &Aws) -
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn repeat_safe_steps_of_both_branches_are_recorded_by_one_write() {
     let v = vendors().await;
-    let writes = Arc::new(Writes::default());
-    let hook = writes.clone();
-    let a = aws_over(&v, move |s| Arc::new(Wrapped::new(s, CountWrites(hook)))).await;
-    let (id, landed) = decide_block_in_one_batch(&v, &writes, &a).await;
+    let (writes, a, id, landed) = branches_decided(&v, Writes::default()).await;
     let run = a.succeeded(&id).await;
     assert_eq!(
         landed, 1,
@@ -648,13 +665,14 @@ async fn repeat_safe_steps_of_both_branches_are_recorded_by_one_write() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_branch_slow_to_start_still_records_the_other_branch_with_its_own() {
     let v = vendors().await;
-    let writes = Arc::new(Writes {
-        slow_disable_user: AtomicBool::new(true),
-        ..Writes::default()
-    });
-    let hook = writes.clone();
-    let a = aws_over(&v, move |s| Arc::new(Wrapped::new(s, CountWrites(hook)))).await;
-    let (id, landed) = decide_block_in_one_batch(&v, &writes, &a).await;
+    let (writes, a, id, landed) = branches_decided(
+        &v,
+        Writes {
+            slow_disable_user: AtomicBool::new(true),
+            ..Writes::default()
+        },
+    )
+    .await;
     a.succeeded(&id).await;
     assert_eq!(
         landed, 1,
@@ -671,22 +689,9 @@ async fn a_branch_slow_to_start_still_records_the_other_branch_with_its_own() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_outcome_waits_on_the_chat_update_delivered_with_the_branches() {
     let mut v = vendors().await;
-    v.panos = riposte_tests::Vendor::start_slow(
-        "panos",
-        std::time::Duration::from_millis(400),
-        riposte_tests::vendors::panos,
-    )
-    .await;
-    v.slack = riposte_tests::Vendor::start_slow(
-        "slack",
-        std::time::Duration::from_millis(1_000),
-        riposte_tests::vendors::slack,
-    )
-    .await;
-    let writes = Arc::new(Writes::default());
-    let hook = writes.clone();
-    let a = aws_over(&v, move |s| Arc::new(Wrapped::new(s, CountWrites(hook)))).await;
-    let (id, landed) = decide_block_in_one_batch(&v, &writes, &a).await;
+    v.panos = slow("panos", 400, riposte_tests::vendors::panos).await;
+    v.slack = slow("slack", 1_000, riposte_tests::vendors::slack).await;
+    let (writes, a, id, landed) = branches_decided(&v, Writes::default()).await;
     a.succeeded(&id).await;
     assert_eq!(landed, 1, "the four steps by block_ip's write");
     assert_eq!(writes.refused.load(Ordering::SeqCst), 0, "no write refused");
@@ -704,13 +709,14 @@ async fn no_outcome_waits_on_the_chat_update_delivered_with_the_branches() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_lost_before_recording_grouped_steps_has_them_done_again() {
     let v = vendors().await;
-    let writes = Arc::new(Writes {
-        lose_group: AtomicBool::new(true),
-        ..Writes::default()
-    });
-    let hook = writes.clone();
-    let a = aws_over(&v, move |s| Arc::new(Wrapped::new(s, CountWrites(hook)))).await;
-    let (id, _) = decide_block_in_one_batch(&v, &writes, &a).await;
+    let (writes, a, id, _) = branches_decided(
+        &v,
+        Writes {
+            lose_group: AtomicBool::new(true),
+            ..Writes::default()
+        },
+    )
+    .await;
     assert!(
         !writes.lose_group.load(Ordering::SeqCst),
         "the group's write was lost"
@@ -748,16 +754,8 @@ async fn a_worker_lost_before_recording_grouped_steps_has_them_done_again() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn outcomes_are_not_held_past_two_seconds() {
     let mut v = vendors().await;
-    v.entra = riposte_tests::Vendor::start_slow(
-        "entra",
-        std::time::Duration::from_millis(2_200),
-        riposte_tests::vendors::entra,
-    )
-    .await;
-    let writes = Arc::new(Writes::default());
-    let hook = writes.clone();
-    let a = aws_over(&v, move |s| Arc::new(Wrapped::new(s, CountWrites(hook)))).await;
-    let (id, landed) = decide_block_in_one_batch(&v, &writes, &a).await;
+    v.entra = slow("entra", 2_200, riposte_tests::vendors::entra).await;
+    let (_, a, id, landed) = branches_decided(&v, Writes::default()).await;
     a.succeeded(&id).await;
     assert_eq!(
         landed, 2,

@@ -1158,9 +1158,10 @@ impl Service {
     /// nothing, with nothing more to do here, are left ([`Service::deposit`]) to another handler
     /// still at work on its message (counted from the start of its handling), whose next write
     /// records them with its own; this handler returns only once that write has landed, or
-    /// writes them itself when it does not (the other failed, or ended without taking them). Lost with the process, they are done again like any held
-    /// outcome. Every write stays conditional on the version: an outcome recorded twice is
-    /// refused the second time and dropped.
+    /// writes them itself when it does not (the other failed, or ended without taking them).
+    /// Lost with the process, they are done again like any held outcome. Every write stays
+    /// conditional on the version: an outcome recorded twice is refused the second time and
+    /// dropped.
     #[allow(clippy::too_many_arguments)]
     async fn perform_queue(
         &self,

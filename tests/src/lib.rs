@@ -287,6 +287,10 @@ impl Clock for OffsetClock {
     fn now(&self) -> Millis {
         SystemClock.now() + self.0.load(Ordering::SeqCst)
     }
+
+    fn sleep(&self, ms: Millis) -> futures_util::future::BoxFuture<'static, ()> {
+        SystemClock.sleep(ms)
+    }
 }
 
 pub const OPERATOR_KEY: &str = "test-operator-key-0123456789";

@@ -9,9 +9,18 @@ use async_trait::async_trait;
 use crate::http::{Connection, HttpError, HttpRequest, HttpResponse};
 use crate::model::Millis;
 
-/// The current time.
+/// The current time, and a timer on it.
 pub trait Clock: Send + Sync {
     fn now(&self) -> Millis;
+
+    /// Resolves once `ms` of this clock's time have passed. Used only to bound a wait that
+    /// otherwise ends by itself (steps performed together wait at most this long for each
+    /// other before the first outcomes are recorded). The default never resolves: a clock with
+    /// no timer of its own (a simulation's, a frozen one) leaves those waits to end by themselves.
+    fn sleep(&self, ms: Millis) -> futures_util::future::BoxFuture<'static, ()> {
+        let _ = ms;
+        Box::pin(std::future::pending())
+    }
 }
 
 /// Fresh unique ids (ULIDs in production) and random nonces.

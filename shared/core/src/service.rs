@@ -8,7 +8,9 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::task::Poll;
 
+use futures_util::future::{BoxFuture, Either};
 use serde::Serialize;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
@@ -338,6 +340,37 @@ fn reapply(
         }
     }
     applied
+}
+
+/// A step performed with others at once (see [`Service::perform_queue`]), and its outcome.
+struct Performed {
+    /// Its place among the steps started by this handler: outcomes known together are recorded
+    /// in this order, whichever finished first.
+    seq: usize,
+    msg: StepMessage,
+    work: Work,
+    claim_written: bool,
+    timeout: Millis,
+    outcome: Outcome,
+}
+
+/// The next of `running` to finish, taken out of it; `None` when none is running. Each poll
+/// polls every one still running (a handful at most), so progress never depends on which one
+/// woke the task.
+async fn next_finished(running: &mut Vec<BoxFuture<'_, Performed>>) -> Option<Performed> {
+    std::future::poll_fn(|cx| {
+        if running.is_empty() {
+            return Poll::Ready(None);
+        }
+        for i in 0..running.len() {
+            if let Poll::Ready(p) = running[i].as_mut().poll(cx) {
+                drop(running.swap_remove(i));
+                return Poll::Ready(Some(p));
+            }
+        }
+        Poll::Pending
+    })
+    .await
 }
 
 /// The most outcomes held for one write (see [`Service::perform_queue`]).
@@ -1187,12 +1220,52 @@ impl Service {
         // Of the deposits taken from other handlers of the run (their outcomes are in `held`):
         // set once written.
         let mut signals: Vec<futures_util::lock::OwnedMutexGuard<bool>> = Vec::new();
-        while let Some((msg, work, claim_written)) = queue.pop_front() {
+        // Steps whose claims are written run at once (the branches one write made ready): those
+        // still running, and the outcomes of those that finished together, not yet taken.
+        let mut running: Vec<BoxFuture<'_, Performed>> = Vec::new();
+        let mut running_time: Millis = 0;
+        let mut known: std::collections::VecDeque<Performed> = std::collections::VecDeque::new();
+        let mut started = 0usize;
+        loop {
+            while queue.front().is_some_and(|e| e.2) {
+                let Some((msg, work, _)) = queue.pop_front() else {
+                    break;
+                };
+                let timeout = timeout_of(engine, &msg);
+                running_time = running_time.saturating_add(timeout);
+                let seq = started;
+                started += 1;
+                running.push(Box::pin(async move {
+                    let outcome = self.perform(&work).await;
+                    Performed {
+                        seq,
+                        msg,
+                        work,
+                        claim_written: true,
+                        timeout,
+                        outcome,
+                    }
+                }));
+            }
+            if known.is_empty() && !running.is_empty() {
+                known = self.finished_together(&mut running).await;
+            }
+            let (msg, work, claim_written, outcome) = if let Some(p) = known.pop_front() {
+                running_time = running_time.saturating_sub(p.timeout);
+                (p.msg, p.work, p.claim_written, p.outcome)
+            } else if let Some((msg, work, claim_written)) = queue.pop_front() {
+                // Repeat-safe, its claim not written: done before it is recorded.
+                let outcome = self.perform(&work).await;
+                (msg, work, claim_written, outcome)
+            } else {
+                break;
+            };
+            // Whether steps performed together with this one have outcomes still to take.
+            let more = !known.is_empty() || !running.is_empty();
             let safe = repeat_safe(engine, &msg, &work);
             if claim_written && let Some(l) = lease_of(&run, &msg) {
                 lease = Some(lease.map_or(l, |e| e.min(l)));
             }
-            let outcome = self.perform(&work).await;
             if held.is_empty() {
                 held_since = Some(self.now());
             }
@@ -1208,6 +1281,7 @@ impl Service {
             // end nothing, and nothing is left to do here. Its write is awaited; if it does not
             // make it, they are written here.
             if queue.is_empty()
+                && !more
                 && held.iter().all(|h| h.safe && !h.claim_written)
                 && self.another_performing(&run.id)
                 && self.quiet(engine, &run, ver, &held).await
@@ -1279,11 +1353,18 @@ impl Service {
                     dropped = true;
                     break;
                 }
-                let next = if carried < MAX_CARRIED {
-                    // The time left once the carried steps already queued here are done.
+                // With outcomes of steps performed together still to take, which come at
+                // once (`known`): held for the same write, which carries what they all make
+                // ready.
+                let together = !known.is_empty();
+                let next = if !together && carried < MAX_CARRIED {
+                    // The time left once the carried steps already queued or running here are
+                    // done.
                     let queued: Millis = queue
                         .iter()
-                        .fold(0, |t, (m, _, _)| t.saturating_add(timeout_of(engine, m)));
+                        .fold(running_time, |t, (m, _, _)| {
+                            t.saturating_add(timeout_of(engine, m))
+                        });
                     let room = until.map(|u| u.saturating_sub(now).saturating_sub(queued));
                     self.carry(engine, &mut run, &mut fx, carrier, room, now)
                         .await
@@ -1293,8 +1374,10 @@ impl Service {
                 let next_time: Millis = next
                     .iter()
                     .fold(0, |t, (m, _)| t.saturating_add(timeout_of(engine, m)));
-                let hold = queue.is_empty()
-                    && !next.is_empty()
+                let hold = together
+                    || queue.is_empty()
+                        && running.is_empty()
+                        && !next.is_empty()
                     && held.len() < MAX_HELD
                     && held_since.is_none_or(|t| now.saturating_sub(t) <= MAX_HELD_MS)
                     && held.iter().all(|h| h.safe)
@@ -1378,6 +1461,39 @@ impl Service {
             }
         }
         Ok(handled)
+    }
+
+    /// The outcomes of steps running at once that are recorded together: the first to finish,
+    /// and every other that finishes within [`MAX_HELD_MS`] of it, in the order they started.
+    /// Those still running after that are left in `running`, their outcomes recorded when they
+    /// come.
+    async fn finished_together(
+        &self,
+        running: &mut Vec<BoxFuture<'_, Performed>>,
+    ) -> std::collections::VecDeque<Performed> {
+        let mut known = Vec::new();
+        known.extend(next_finished(running).await);
+        if !running.is_empty() {
+            let mut deadline = self.d.clock.sleep(MAX_HELD_MS);
+            loop {
+                let finished = match futures_util::future::select(
+                    Box::pin(next_finished(running)),
+                    deadline.as_mut(),
+                )
+                .await
+                {
+                    Either::Left((p, _)) => p,
+                    Either::Right(_) => None,
+                };
+                let Some(p) = finished else { break };
+                known.push(p);
+                if running.is_empty() {
+                    break;
+                }
+            }
+        }
+        known.sort_by_key(|p| p.seq);
+        known.into()
     }
 
     /// Takes the steps to carry out of `fx`: the first [`CARRIED_PER_WRITE`] `Execute`s of this run

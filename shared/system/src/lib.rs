@@ -17,6 +17,12 @@ impl Clock for SystemClock {
             .map(|d| Millis::try_from(d.as_millis()).unwrap_or(Millis::MAX))
             .unwrap_or(0)
     }
+
+    fn sleep(&self, ms: Millis) -> futures_util::future::BoxFuture<'static, ()> {
+        Box::pin(tokio::time::sleep(std::time::Duration::from_millis(
+            u64::try_from(ms).unwrap_or(0),
+        )))
+    }
 }
 
 /// ULIDs for ids and the operating system's randomness for nonces.

@@ -144,6 +144,11 @@ pub fn text_body(content_type: &str, text: &str) -> Value {
 /// [`text_body`] for text).
 pub type Responder = Arc<dyn Fn(&Recorded, &[Recorded]) -> (u16, Value) + Send + Sync>;
 
+/// How long a vendor holds a request's answer: a future per request, awaited after the request
+/// is recorded and before it is answered.
+pub type Hold =
+    Arc<dyn Fn(&Recorded) -> futures_util::future::BoxFuture<'static, ()> + Send + Sync>;
+
 /// A vendor API stand-in on 127.0.0.1.
 pub struct Vendor {
     pub name: String,
@@ -155,7 +160,7 @@ pub struct Vendor {
 struct VendorState {
     requests: Arc<Mutex<Vec<Recorded>>>,
     respond: Responder,
-    delay: Duration,
+    hold: Hold,
 }
 
 async fn record(State(st): State<VendorState>, req: Request) -> Response {
@@ -174,6 +179,7 @@ async fn record(State(st): State<VendorState>, req: Request) -> Response {
             .collect(),
         body: String::from_utf8_lossy(&bytes).into_owned(),
     };
+    let hold = (st.hold)(&rec);
     let (status, body) = {
         // The vendor's state is what it received before: a stateful stand-in reads it.
         let mut requests = st.requests.lock().unwrap();
@@ -181,9 +187,7 @@ async fn record(State(st): State<VendorState>, req: Request) -> Response {
         requests.push(rec);
         answer
     };
-    if !st.delay.is_zero() {
-        tokio::time::sleep(st.delay).await;
-    }
+    hold.await;
     let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     if let Some([ct, text]) = body
         .get(TEXT_BODY)
@@ -217,7 +221,24 @@ impl Vendor {
         delay: Duration,
         respond: impl Fn(&Recorded) -> (u16, Value) + Send + Sync + 'static,
     ) -> Vendor {
-        Self::serve(name, delay, Arc::new(move |r, _| respond(r))).await
+        let hold: Hold = Arc::new(move |_| {
+            if delay.is_zero() {
+                Box::pin(async {})
+            } else {
+                Box::pin(tokio::time::sleep(delay))
+            }
+        });
+        Self::serve(name, hold, Arc::new(move |r, _| respond(r))).await
+    }
+
+    /// A vendor that holds each request's answer (after recording it) until `hold`'s future for
+    /// that request ends.
+    pub async fn start_held(
+        name: &str,
+        hold: impl Fn(&Recorded) -> futures_util::future::BoxFuture<'static, ()> + Send + Sync + 'static,
+        respond: impl Fn(&Recorded) -> (u16, Value) + Send + Sync + 'static,
+    ) -> Vendor {
+        Self::serve(name, Arc::new(hold), Arc::new(move |r, _| respond(r))).await
     }
 
     /// A vendor whose answer depends on what it received before (`earlier`, in arrival order).
@@ -225,15 +246,15 @@ impl Vendor {
         name: &str,
         respond: impl Fn(&Recorded, &[Recorded]) -> (u16, Value) + Send + Sync + 'static,
     ) -> Vendor {
-        Self::serve(name, Duration::ZERO, Arc::new(respond)).await
+        Self::serve(name, Arc::new(|_| Box::pin(async {})), Arc::new(respond)).await
     }
 
-    async fn serve(name: &str, delay: Duration, respond: Responder) -> Vendor {
+    async fn serve(name: &str, hold: Hold, respond: Responder) -> Vendor {
         let requests = Arc::new(Mutex::new(Vec::new()));
         let state = VendorState {
             requests: requests.clone(),
             respond,
-            delay,
+            hold,
         };
         let app = axum::Router::new().fallback(record).with_state(state);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -525,6 +525,8 @@ struct Writes {
     loads: AtomicUsize,
     /// Which of them (1-based; 0: none) takes 300 ms.
     slow_load: AtomicUsize,
+    /// For each write that landed: the status it recorded of `tell_soc` and of `ask_admins`.
+    asked: std::sync::Mutex<Vec<(StepStatus, StepStatus)>>,
 }
 
 struct CountWrites(Arc<Writes>);
@@ -545,10 +547,17 @@ impl Hook for CountWrites {
             return call.await;
         };
         let records_revoke = run.step("revoke_sessions").unwrap().status == StepStatus::Succeeded;
+        let asked = (
+            run.step("tell_soc").unwrap().status,
+            run.step("ask_admins").unwrap().status,
+        );
         if records_revoke && w.lose_group.swap(false, Ordering::SeqCst) {
             return Err(StoreError::Unavailable("the worker was lost".into()));
         }
         let result = call.await;
+        if result.is_ok() {
+            w.asked.lock().unwrap().push(asked);
+        }
         match &result {
             Ok(_) => w.landed.fetch_add(1, Ordering::SeqCst),
             Err(StoreError::Conflict(_)) => w.refused.fetch_add(1, Ordering::SeqCst),
@@ -760,6 +769,102 @@ async fn outcomes_are_not_held_past_two_seconds() {
     assert_eq!(
         landed, 2,
         "block_ip with disable_user; then revoke_sessions with resolve_ticket"
+    );
+}
+
+/// Functions whose store counts writes into `writes`, and a Block/Ignore run they started,
+/// handled until it waits for the admins (the SOC told): the run's id, and the statuses of
+/// `tell_soc` and `ask_admins` each run write recorded from the ticket's on.
+async fn asked(v: &Vendors) -> (Aws, String, Vec<(StepStatus, StepStatus)>) {
+    let writes = Arc::new(Writes::default());
+    let hook = writes.clone();
+    let a = aws_over(v, move |s| Arc::new(Wrapped::new(s, CountWrites(hook)))).await;
+    let id = started(&a).await;
+    a.asking(&id).await;
+    let asked = writes.asked.lock().unwrap().clone();
+    let from_ticket = asked
+        .iter()
+        .position(|(tell, _)| *tell != StepStatus::Pending)
+        .unwrap();
+    (a, id, asked[from_ticket..].to_vec())
+}
+
+/// Whether `r` is the Slack post that tells the SOC (not the admins' question).
+fn tells_soc(r: &riposte_tests::Recorded) -> bool {
+    r.path.ends_with("/chat.postMessage") && !r.json().to_string().contains("Block or ignore?")
+}
+
+/// The SOC's message and the admins' question are ready at once, once the ticket is open: both
+/// go out at once, and their outcomes are recorded by one write. Slack answers the SOC's message
+/// only once the admins' email has gone out (holding it up to 10 s otherwise), which steps done
+/// one after the other would never do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_soc_message_and_the_admins_question_go_out_at_once_and_are_recorded_together() {
+    let mut v = vendors().await;
+    let emailed = Arc::new(AtomicBool::new(false));
+    let seen = emailed.clone();
+    v.email = riposte_tests::Vendor::start("email", move |r| {
+        seen.store(true, Ordering::SeqCst);
+        riposte_tests::vendors::ses(r)
+    })
+    .await;
+    let released = Arc::new(AtomicBool::new(false));
+    let (wait, told) = (emailed.clone(), released.clone());
+    v.slack = riposte_tests::Vendor::start_held(
+        "slack",
+        move |r| {
+            let (emailed, released, soc) = (wait.clone(), told.clone(), tells_soc(r));
+            Box::pin(async move {
+                for _ in 0..1_000 {
+                    if !soc || emailed.load(Ordering::SeqCst) {
+                        released.fetch_or(soc, Ordering::SeqCst);
+                        return;
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                }
+            })
+        },
+        riposte_tests::vendors::slack,
+    )
+    .await;
+    let (_, _, asked) = asked(&v).await;
+    assert!(
+        released.load(Ordering::SeqCst),
+        "the admins' email went out while Slack held the SOC's message"
+    );
+    use StepStatus::{Running, Succeeded, Waiting};
+    assert_eq!(
+        asked,
+        [(Running, Running), (Succeeded, Waiting)],
+        "the ticket's write claims both; one write records both"
+    );
+}
+
+/// Steps that run at once wait for each other at most two seconds: with Slack taking 2.5 s to
+/// answer the SOC's message, the admins' question (asked at once) is recorded alone, as soon as
+/// those two seconds are up, and the SOC's message by a write of its own when Slack answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_step_holds_the_outcome_of_one_run_with_it_two_seconds_at_most() {
+    let mut v = vendors().await;
+    v.slack = riposte_tests::Vendor::start_held(
+        "slack",
+        |r| {
+            let soc = tells_soc(r);
+            Box::pin(async move {
+                if soc {
+                    tokio::time::sleep(std::time::Duration::from_millis(2_500)).await;
+                }
+            })
+        },
+        riposte_tests::vendors::slack,
+    )
+    .await;
+    let (_, _, asked) = asked(&v).await;
+    use StepStatus::{Running, Succeeded, Waiting};
+    assert_eq!(
+        asked,
+        [(Running, Running), (Running, Waiting), (Succeeded, Waiting)],
+        "the question recorded first, alone; then the SOC's message"
     );
 }
 

@@ -1136,9 +1136,9 @@ impl Service {
     }
 
     /// Performs claimed work and records its outcome. Steps that this write makes ready are
-    /// claimed in the same write and performed here too, one after the other in the order they
-    /// became ready (carried: no message, no separate claim, no read), while the invocation has
-    /// time for them; each outcome is recorded by one write, which claims the steps it makes
+    /// claimed in the same write and performed here too, at once (carried: no message, no
+    /// separate claim, no read), while the invocation has time for them; their outcomes are
+    /// recorded by one write (see [`Service::perform_queue`]), which claims the steps they make
     /// ready in turn.
     ///
     /// Work that must not be repeated blindly is recorded as started before it is done; work that
@@ -1173,10 +1173,16 @@ impl Service {
             .await
     }
 
-    /// Performs claimed steps one after the other and records each outcome with one write, which
-    /// claims the steps it makes ready (see [`Service::execute`]). Each entry: the step's message,
-    /// its work, and whether its claim was written. `fx`: effects not yet written (of the first
-    /// entry's claim, when that was not written).
+    /// Performs claimed steps and records their outcomes, each write claiming the steps its
+    /// outcomes make ready (see [`Service::execute`]). Each entry: the step's message, its work,
+    /// and whether its claim was written. `fx`: effects not yet written (of the first entry's
+    /// claim, when that was not written).
+    ///
+    /// Steps whose claims are written (those one write carried: independent, all ready at once)
+    /// are performed at once. Their outcomes are recorded by one write when they end within
+    /// [`MAX_HELD_MS`] of the first ([`Service::finished_together`]); what ends later is recorded
+    /// when it ends. A step whose claim is not written (repeat-safe, see below) is performed
+    /// alone, before its claim is written with its outcome.
     ///
     /// Repeat-safe outcomes are grouped: when a repeat-safe step makes only repeat-safe steps
     /// ready (and nothing else to write: no message, no child run), its outcome is kept here and
@@ -1360,11 +1366,9 @@ impl Service {
                 let next = if !together && carried < MAX_CARRIED {
                     // The time left once the carried steps already queued or running here are
                     // done.
-                    let queued: Millis = queue
-                        .iter()
-                        .fold(running_time, |t, (m, _, _)| {
-                            t.saturating_add(timeout_of(engine, m))
-                        });
+                    let queued: Millis = queue.iter().fold(running_time, |t, (m, _, _)| {
+                        t.saturating_add(timeout_of(engine, m))
+                    });
                     let room = until.map(|u| u.saturating_sub(now).saturating_sub(queued));
                     self.carry(engine, &mut run, &mut fx, carrier, room, now)
                         .await
@@ -1378,17 +1382,17 @@ impl Service {
                     || queue.is_empty()
                         && running.is_empty()
                         && !next.is_empty()
-                    && held.len() < MAX_HELD
-                    && held_since.is_none_or(|t| now.saturating_sub(t) <= MAX_HELD_MS)
-                    && held.iter().all(|h| h.safe)
-                    && next.iter().all(|(m, w)| repeat_safe(engine, m, w))
-                    && fx.messages.is_empty()
-                    && fx.new_runs.is_empty()
-                    && lease.is_none_or(|l| {
-                        now.saturating_add(next_time)
-                            .saturating_add(CARRY_MARGIN_MS)
-                            <= l
-                    });
+                        && held.len() < MAX_HELD
+                        && held_since.is_none_or(|t| now.saturating_sub(t) <= MAX_HELD_MS)
+                        && held.iter().all(|h| h.safe)
+                        && next.iter().all(|(m, w)| repeat_safe(engine, m, w))
+                        && fx.messages.is_empty()
+                        && fx.new_runs.is_empty()
+                        && lease.is_none_or(|l| {
+                            now.saturating_add(next_time)
+                                .saturating_add(CARRY_MARGIN_MS)
+                                <= l
+                        });
                 if hold {
                     // Recorded with the outcomes of the steps it made ready, after them.
                     carried += next.len();

@@ -714,10 +714,14 @@ async fn no_outcome_waits_on_the_chat_update_delivered_with_the_branches() {
 }
 
 /// A worker lost before the write that would have recorded a group of repeat-safe steps loses
-/// only their outcomes: its message comes back, they are done again, and the run succeeds.
+/// only their outcomes: its message comes back, they are done again, and the run succeeds. The
+/// user directory answers in 300 ms, so the firewall's `block_ip` ends first and the group's
+/// write is `disable_user`'s handler's. (Were `block_ip` last, the write lost would be its own,
+/// and `disable_user`'s handler, whose outcomes it took, would write them itself: nothing lost.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_lost_before_recording_grouped_steps_has_them_done_again() {
-    let v = vendors().await;
+    let mut v = vendors().await;
+    v.entra = slow("entra", 300, riposte_tests::vendors::entra).await;
     let (writes, a, id, _) = branches_decided(
         &v,
         Writes {

@@ -1428,7 +1428,10 @@ impl Service {
                         fx = Effects::default();
                         fresh = true;
                     }
-                    // The steps already carried are taken over when the message comes back.
+                    // The steps already carried are taken over when the message comes back
+                    // (those still running here stop with this handling: their claims are
+                    // written, so they are taken over once their leases end, as a lost
+                    // worker's are).
                     Err(e) => return Err(e.into()),
                 }
             }

@@ -527,6 +527,9 @@ struct Writes {
     slow_load: AtomicUsize,
     /// For each write that landed: the status it recorded of `tell_soc` and of `ask_admins`.
     asked: std::sync::Mutex<Vec<(StepStatus, StepStatus)>>,
+    /// Whether to fail (once, as if the table were unavailable) the write that would record
+    /// `tell_soc` as done while `ask_admins` still runs.
+    fail_tell_alone: AtomicBool,
 }
 
 struct CountWrites(Arc<Writes>);
@@ -551,6 +554,11 @@ impl Hook for CountWrites {
             run.step("tell_soc").unwrap().status,
             run.step("ask_admins").unwrap().status,
         );
+        if asked == (StepStatus::Succeeded, StepStatus::Running)
+            && w.fail_tell_alone.swap(false, Ordering::SeqCst)
+        {
+            return Err(StoreError::Unavailable("the table is unavailable".into()));
+        }
         if records_revoke && w.lose_group.swap(false, Ordering::SeqCst) {
             return Err(StoreError::Unavailable("the worker was lost".into()));
         }
@@ -869,6 +877,57 @@ async fn a_slow_step_holds_the_outcome_of_one_run_with_it_two_seconds_at_most() 
         asked,
         [(Running, Running), (Running, Waiting), (Succeeded, Waiting)],
         "the question recorded first, alone; then the SOC's message"
+    );
+}
+
+/// A write failing while a step still runs does not cut its call short: with the admins' email
+/// taking 3 s and the write of the SOC's message (alone, 2 s after it ended) refused by the
+/// table, the step worker hands its message back only once the email has been answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_write_lets_the_calls_still_running_finish() {
+    let mut v = vendors().await;
+    let answered = Arc::new(AtomicBool::new(false));
+    let done = answered.clone();
+    v.email = riposte_tests::Vendor::start_held(
+        "email",
+        move |_| {
+            let done = done.clone();
+            Box::pin(async move {
+                tokio::time::sleep(std::time::Duration::from_millis(3_000)).await;
+                done.store(true, Ordering::SeqCst);
+            })
+        },
+        riposte_tests::vendors::ses,
+    )
+    .await;
+    let writes = Arc::new(Writes {
+        fail_tell_alone: AtomicBool::new(true),
+        ..Writes::default()
+    });
+    let hook = writes.clone();
+    let a = aws_over(&v, move |s| Arc::new(Wrapped::new(s, CountWrites(hook)))).await;
+    let id = started(&a).await;
+    let (messages, event) = receive_batch(&a.sqs, &a.queue).await;
+    assert_eq!(steps_in(&messages), ["open_ticket"]);
+    let response = riposte_lambda::on_messages(&a.service, event, 5, None).await;
+    assert!(
+        !writes.fail_tell_alone.load(Ordering::SeqCst),
+        "the SOC's message's write was refused"
+    );
+    assert_eq!(
+        response.batch_item_failures.len(),
+        1,
+        "the message is handed back"
+    );
+    assert!(
+        answered.load(Ordering::SeqCst),
+        "the email's call ran to its answer before the message was handed back"
+    );
+    let run = a.run(&id).await;
+    assert_eq!(
+        run.step("tell_soc").unwrap().status,
+        StepStatus::Running,
+        "nothing recorded the SOC's message"
     );
 }
 

@@ -352,6 +352,8 @@ struct Performed {
     claim_written: bool,
     timeout: Millis,
     outcome: Outcome,
+    /// When it ended.
+    at: Millis,
 }
 
 /// The next of `running` to finish, taken out of it; `None` when none is running. Each poll
@@ -1201,9 +1203,33 @@ impl Service {
     /// Lost with the process, they are done again like any held outcome. Every write stays
     /// conditional on the version: an outcome recorded twice is refused the second time and
     /// dropped.
+    ///
+    /// However the handling ends (a store error included), no call started here is cut short:
+    /// the steps still running are awaited first. (Their outcomes, unrecorded then, are like a
+    /// lost worker's: their claims are written, and they are taken over once their leases end.)
     #[allow(clippy::too_many_arguments)]
     async fn perform_queue(
         &self,
+        engine: &Engine<'_>,
+        run: Run,
+        ver: u64,
+        queue: std::collections::VecDeque<(StepMessage, Work, bool)>,
+        fx: Effects,
+        carrier: &StepMessage,
+        until: Option<Millis>,
+    ) -> Result<Handled, Error> {
+        let mut running = Vec::new();
+        let handled = self
+            .perform_queue_with(engine, run, ver, queue, fx, carrier, until, &mut running)
+            .await;
+        while next_finished(&mut running).await.is_some() {}
+        handled
+    }
+
+    /// [`Service::perform_queue`], with the steps it starts at once kept in `running`.
+    #[allow(clippy::too_many_arguments)]
+    async fn perform_queue_with<'s>(
+        &'s self,
         engine: &Engine<'_>,
         mut run: Run,
         mut ver: u64,
@@ -1211,6 +1237,7 @@ impl Service {
         mut fx: Effects,
         carrier: &StepMessage,
         until: Option<Millis>,
+        running: &mut Vec<BoxFuture<'s, Performed>>,
     ) -> Result<Handled, Error> {
         // What the queue is told: `Retry` when an outcome could not be recorded, or steps are
         // still carried under this message by another worker.
@@ -1228,10 +1255,12 @@ impl Service {
         let mut signals: Vec<futures_util::lock::OwnedMutexGuard<bool>> = Vec::new();
         // Steps whose claims are written run at once (the branches one write made ready): those
         // still running, and the outcomes of those that finished together, not yet taken.
-        let mut running: Vec<BoxFuture<'_, Performed>> = Vec::new();
         let mut running_time: Millis = 0;
         let mut known: std::collections::VecDeque<Performed> = std::collections::VecDeque::new();
         let mut started = 0usize;
+        // Set when an outcome could not be recorded (the run kept changing): `run` is then a
+        // copy read again, with none of the outcomes held applied.
+        let mut reapply_held = false;
         loop {
             while queue.front().is_some_and(|e| e.2) {
                 let Some((msg, work, _)) = queue.pop_front() else {
@@ -1250,19 +1279,20 @@ impl Service {
                         claim_written: true,
                         timeout,
                         outcome,
+                        at: self.now(),
                     }
                 }));
             }
             if known.is_empty() && !running.is_empty() {
-                known = self.finished_together(&mut running).await;
+                known = self.finished_together(running).await;
             }
-            let (msg, work, claim_written, outcome) = if let Some(p) = known.pop_front() {
+            let (msg, work, claim_written, outcome, at) = if let Some(p) = known.pop_front() {
                 running_time = running_time.saturating_sub(p.timeout);
-                (p.msg, p.work, p.claim_written, p.outcome)
+                (p.msg, p.work, p.claim_written, p.outcome, p.at)
             } else if let Some((msg, work, claim_written)) = queue.pop_front() {
                 // Repeat-safe, its claim not written: done before it is recorded.
                 let outcome = self.perform(&work).await;
-                (msg, work, claim_written, outcome)
+                (msg, work, claim_written, outcome, self.now())
             } else {
                 break;
             };
@@ -1272,9 +1302,11 @@ impl Service {
             if claim_written && let Some(l) = lease_of(&run, &msg) {
                 lease = Some(lease.map_or(l, |e| e.min(l)));
             }
-            if held.is_empty() {
-                held_since = Some(self.now());
-            }
+            // When the first outcome held was known (of those taken together, the earliest).
+            held_since = Some(match held_since {
+                Some(t) if !held.is_empty() => t.min(at),
+                _ => at,
+            });
             held.push(Held {
                 msg: msg.clone(),
                 outcome,
@@ -1307,7 +1339,7 @@ impl Service {
             // was replaced by a newer copy (`fresh`): then all of them are applied again.
             let slot = self.written(&msg.run_id);
             let mut newest = slot.lock().await;
-            let mut fresh = false;
+            let mut fresh = std::mem::take(&mut reapply_held);
             if let Some((r, v)) = newest.as_ref()
                 && *v > ver
             {
@@ -1461,6 +1493,7 @@ impl Service {
                 recorded = true;
             }
             if !recorded {
+                reapply_held = true;
                 handled = Handled::Retry {
                     delay_ms: 100,
                     reason: format!("run {} kept changing under this message", msg.run_id),

@@ -342,14 +342,14 @@ fn reapply(
     applied
 }
 
-/// A step performed with others at once (see [`Service::perform_queue`]), and its outcome.
+/// A step performed with others at once (see [`Service::perform_queue`]; its claim is
+/// written), and its outcome.
 struct Performed {
     /// Its place among the steps started by this handler: outcomes known together are recorded
     /// in this order, whichever finished first.
     seq: usize,
     msg: StepMessage,
     work: Work,
-    claim_written: bool,
     timeout: Millis,
     outcome: Outcome,
     /// When it ended.
@@ -1276,7 +1276,6 @@ impl Service {
                         seq,
                         msg,
                         work,
-                        claim_written: true,
                         timeout,
                         outcome,
                         at: self.now(),
@@ -1288,7 +1287,7 @@ impl Service {
             }
             let (msg, work, claim_written, outcome, at) = if let Some(p) = known.pop_front() {
                 running_time = running_time.saturating_sub(p.timeout);
-                (p.msg, p.work, p.claim_written, p.outcome, p.at)
+                (p.msg, p.work, true, p.outcome, p.at)
             } else if let Some((msg, work, claim_written)) = queue.pop_front() {
                 // Repeat-safe, its claim not written: done before it is recorded.
                 let outcome = self.perform(&work).await;
@@ -1461,9 +1460,7 @@ impl Service {
                         fresh = true;
                     }
                     // The steps already carried are taken over when the message comes back
-                    // (those still running here stop with this handling: their claims are
-                    // written, so they are taken over once their leases end, as a lost
-                    // worker's are).
+                    // (those still running here end first: see `perform_queue`).
                     Err(e) => return Err(e.into()),
                 }
             }

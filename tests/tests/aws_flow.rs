@@ -630,11 +630,17 @@ async fn decide_block_in_one_batch(v: &Vendors, writes: &Arc<Writes>, a: &Aws) -
 /// branches handled in one batch ([`decide_block_in_one_batch`]): the counts, the functions,
 /// the run's id and how many run writes that batch made.
 async fn branches_decided(v: &Vendors, writes: Writes) -> (Arc<Writes>, Aws, String, usize) {
+    let (writes, a) = counted(v, writes).await;
+    let (id, landed) = decide_block_in_one_batch(v, &writes, &a).await;
+    (writes, a, id, landed)
+}
+
+/// Functions whose store counts writes into `writes` (and fails those it is told to).
+async fn counted(v: &Vendors, writes: Writes) -> (Arc<Writes>, Aws) {
     let writes = Arc::new(writes);
     let hook = writes.clone();
     let a = aws_over(v, move |s| Arc::new(Wrapped::new(s, CountWrites(hook)))).await;
-    let (id, landed) = decide_block_in_one_batch(v, &writes, &a).await;
-    (writes, a, id, landed)
+    (writes, a)
 }
 
 /// A vendor stand-in answering as `respond` does, after `ms` milliseconds.
@@ -788,9 +794,7 @@ async fn outcomes_are_not_held_past_two_seconds() {
 /// handled until it waits for the admins (the SOC told): the run's id, and the statuses of
 /// `tell_soc` and `ask_admins` each run write recorded from the ticket's on.
 async fn asked(v: &Vendors) -> (Aws, String, Vec<(StepStatus, StepStatus)>) {
-    let writes = Arc::new(Writes::default());
-    let hook = writes.clone();
-    let a = aws_over(v, move |s| Arc::new(Wrapped::new(s, CountWrites(hook)))).await;
+    let (writes, a) = counted(v, Writes::default()).await;
     let id = started(&a).await;
     a.asking(&id).await;
     let asked = writes.asked.lock().unwrap().clone();
@@ -900,12 +904,14 @@ async fn a_failed_write_lets_the_calls_still_running_finish() {
         riposte_tests::vendors::ses,
     )
     .await;
-    let writes = Arc::new(Writes {
-        fail_tell_alone: AtomicBool::new(true),
-        ..Writes::default()
-    });
-    let hook = writes.clone();
-    let a = aws_over(&v, move |s| Arc::new(Wrapped::new(s, CountWrites(hook)))).await;
+    let (writes, a) = counted(
+        &v,
+        Writes {
+            fail_tell_alone: AtomicBool::new(true),
+            ..Writes::default()
+        },
+    )
+    .await;
     let id = started(&a).await;
     let (messages, event) = receive_batch(&a.sqs, &a.queue).await;
     assert_eq!(steps_in(&messages), ["open_ticket"]);
